@@ -1,0 +1,63 @@
+"""The hand-off from a camera's thread to the reactor.
+
+A camera library calls ``FrameOutput.write(buf)`` on its own thread, as
+picamera does with custom outputs.  ``write`` must return at once or the
+camera drops frames, so it only cuts the bytes into whole frames and schedules
+each one on the reactor with ``callFromThread``.  If the reactor has not yet
+taken the frames already handed over (it is busy or stalled), the new frame is
+dropped and counted rather than queued: latency must not grow.
+"""
+
+import threading
+
+
+class FrameOutput:
+    #: Frames handed to the reactor but not yet taken; more than this are dropped.
+    max_pending = 2
+
+    def __init__(self, frame_size, deliver, call_from_thread):
+        """
+        @param frame_size: bytes in one raw frame.
+        @param deliver: called in the reactor thread with each whole frame.
+        @param call_from_thread: the reactor's C{callFromThread}.
+        """
+        self.frame_size = frame_size
+        self._deliver = deliver
+        self._call_from_thread = call_from_thread
+        self._partial = bytearray()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self.frames_captured = 0
+        self.frames_dropped = 0
+
+    def write(self, buf):
+        """Take raw bytes from the camera: whole frames, or pieces of them."""
+        data = memoryview(buf).cast("B")
+        size = self.frame_size
+        if not self._partial and len(data) == size:
+            self._hand_over(bytes(data))
+            return len(data)
+        self._partial += data
+        while len(self._partial) >= size:
+            frame = bytes(self._partial[:size])
+            del self._partial[:size]
+            self._hand_over(frame)
+        return len(data)
+
+    def flush(self):
+        """Called by picamera when recording stops; a partial frame is discarded."""
+        self._partial.clear()
+
+    def _hand_over(self, frame):
+        with self._lock:
+            self.frames_captured += 1
+            if self._pending >= self.max_pending:
+                self.frames_dropped += 1
+                return
+            self._pending += 1
+        self._call_from_thread(self._take, frame)
+
+    def _take(self, frame):
+        with self._lock:
+            self._pending -= 1
+        self._deliver(frame)

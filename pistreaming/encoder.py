@@ -1,0 +1,229 @@
+"""The encoder: an ffmpeg child process, raw YUV420 in, MPEG-1 in MPEG-TS out."""
+
+import os
+import signal
+from fractions import Fraction
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+TS_PACKET = 188
+
+#: Rates MPEG-1 carries only with ffmpeg's ``-strict unofficial``.
+UNOFFICIAL_RATES = {Fraction(5), Fraction(10), Fraction(12), Fraction(15)}
+
+
+def ffmpeg_command(ffmpeg, geometry, framerate, bitrate):
+    """The ffmpeg argument list (argv[0] included) for the stream."""
+    framerate = Fraction(framerate)
+    rate = f"{framerate.numerator}/{framerate.denominator}"
+    # One intra picture a second: a new viewer's first picture is never far.
+    gop = max(1, round(framerate))
+    command = [
+        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error",
+        # input: raw padded frames on stdin, read as they come
+        "-f", "rawvideo", "-pix_fmt", "yuv420p",
+        "-video_size", f"{geometry.padded_width}x{geometry.padded_height}",
+        "-framerate", rate, "-fflags", "nobuffer", "-probesize", "32",
+        "-i", "pipe:0",
+        # crop away the camera's padding
+        "-vf", geometry.crop_filter,
+        # MPEG-1 video without B-frames (they would add a frame of delay)
+        "-c:v", "mpeg1video", "-b:v", str(bitrate), "-bf", "0", "-g", str(gop),
+    ]
+    if framerate in UNOFFICIAL_RATES:
+        command += ["-strict", "unofficial"]
+    command += [
+        # MPEG-TS out, each packet flushed at once
+        "-f", "mpegts", "-muxdelay", "0", "-muxpreload", "0", "-flush_packets", "1",
+        "pipe:1",
+    ]
+    return command
+
+
+class TSPacketizer:
+    """Cuts a byte stream into runs of whole 188-byte MPEG-TS packets."""
+
+    def __init__(self):
+        self._rest = b""
+
+    def feed(self, data):
+        """Return the whole packets available now (possibly b''); keep the rest."""
+        if self._rest:
+            data = self._rest + data
+        whole = len(data) - len(data) % TS_PACKET
+        self._rest = data[whole:]
+        return data[:whole]
+
+
+@implementer(IPushProducer)
+class FFmpegProtocol(protocol.ProcessProtocol):
+    """One ffmpeg run.  Also the producer for its stdin: the transport pauses
+    us when ffmpeg has not taken the last frame yet, and frames offered while
+    paused are dropped by the caller."""
+
+    stderr_limit = 8192
+
+    def __init__(self, encoder):
+        self.encoder = encoder
+        self.packetizer = TSPacketizer()
+        self.paused = False
+        self.writable = False
+        self.stderr = b""
+        self.started_at = None
+
+    # process events
+    def connectionMade(self):
+        self.started_at = self.encoder.reactor.seconds()
+        self.writable = True
+        self.transport.registerProducer(self, True)
+        self.encoder._process_started(self)
+
+    def outReceived(self, data):
+        packets = self.packetizer.feed(data)
+        if packets:
+            self.encoder._encoded(packets)
+
+    def errReceived(self, data):
+        self.stderr = (self.stderr + data)[-self.stderr_limit:]
+
+    def processEnded(self, reason):
+        self.writable = False
+        self.encoder._process_ended(self, reason)
+
+    # IPushProducer, for stdin
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        self.paused = False
+
+    def stopProducing(self):
+        self.writable = False
+
+    def write_frame(self, frame):
+        """Write a frame to ffmpeg if it can take one now; return whether it did."""
+        if not self.writable or self.paused:
+            return False
+        self.transport.write(frame)
+        return True
+
+    def stderr_text(self):
+        return self.stderr.decode("utf-8", "replace").strip()
+
+
+class Encoder(service.Service):
+    """Keeps one ffmpeg running; feeds it frames, hands its output to C{sink}."""
+
+    name = "encoder"
+    log = Logger()
+
+    first_restart_delay = 0.25
+    max_restart_delay = 8.0
+    #: A run at least this long counts as healthy and resets the backoff.
+    healthy_run = 10.0
+    #: On stop: stdin is closed at once, then SIGTERM, then SIGKILL.
+    term_after = 0.8
+    kill_after = 1.4
+
+    def __init__(self, command, sink, reactor, env=None):
+        self.command = list(command)
+        self.sink = sink
+        self.reactor = reactor
+        self.env = dict(os.environ) if env is None else env
+        self.process = None
+        self.restarts = 0
+        self.frames_in = 0
+        self.frames_dropped = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self._delay = self.first_restart_delay
+        self._restart_call = None
+        self._stopping = False
+        self._stopped = None
+        self._stop_timers = []
+
+    # feeding
+    def feed(self, frame):
+        """Offer one raw frame; it is dropped (and counted) if ffmpeg is busy."""
+        if self.process is not None and self.process.write_frame(frame):
+            self.frames_in += 1
+            self.bytes_in += len(frame)
+        else:
+            self.frames_dropped += 1
+
+    def _encoded(self, packets):
+        self.bytes_out += len(packets)
+        self.sink(packets)
+
+    # lifecycle
+    def startService(self):
+        super().startService()
+        self._stopping = False
+        self._spawn()
+
+    def _spawn(self):
+        self._restart_call = None
+        proto = FFmpegProtocol(self)
+        self.reactor.spawnProcess(proto, self.command[0], self.command, env=self.env)
+
+    def _process_started(self, proto):
+        self.process = proto
+        self.log.info("encoder process: ffmpeg pid {pid}: {command}",
+                      pid=proto.transport.pid, command=" ".join(self.command))
+
+    def _process_ended(self, proto, reason):
+        if self.process is proto:
+            self.process = None
+        if self._stopping:
+            for timer in self._stop_timers:
+                if timer.active():
+                    timer.cancel()
+            self._stop_timers = []
+            if self._stopped is not None and not self._stopped.called:
+                self._stopped.callback(None)
+            return
+        ran = self.reactor.seconds() - (proto.started_at or self.reactor.seconds())
+        if ran >= self.healthy_run:
+            self._delay = self.first_restart_delay
+        code = getattr(reason.value, "exitCode", None)
+        sig = getattr(reason.value, "signal", None)
+        how = f"was killed by signal {sig}" if sig else f"exited with code {code}"
+        self.log.error(
+            "encoder: ffmpeg {how} after {ran:.1f}s; restarting in {delay}s{stderr}",
+            how=how, ran=ran, delay=self._delay,
+            stderr=(": " + proto.stderr_text()) if proto.stderr_text() else "",
+        )
+        self.restarts += 1
+        self._restart_call = self.reactor.callLater(self._delay, self._spawn)
+        self._delay = min(self._delay * 2, self.max_restart_delay)
+
+    def stopService(self):
+        super().stopService()
+        self._stopping = True
+        if self._restart_call is not None and self._restart_call.active():
+            self._restart_call.cancel()
+        self._restart_call = None
+        proto = self.process
+        if proto is None:
+            return defer.succeed(None)
+        self._stopped = defer.Deferred()
+        proto.writable = False
+        try:
+            proto.transport.closeStdin()
+        except Exception:
+            pass
+        self._stop_timers = [
+            self.reactor.callLater(self.term_after, self._signal, proto, signal.SIGTERM),
+            self.reactor.callLater(self.kill_after, self._signal, proto, signal.SIGKILL),
+        ]
+        return self._stopped
+
+    def _signal(self, proto, signum):
+        try:
+            proto.transport.signalProcess(signum)
+        except error.ProcessExitedAlready:
+            pass

@@ -1,0 +1,217 @@
+"""Command-line options of ``twistd pistream``, validated into one Config."""
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from fractions import Fraction
+
+from twisted.python import usage
+
+from pistreaming.frames import FrameGeometry
+
+#: Frame rates an MPEG-1 stream can carry (ffmpeg's mpeg1video with
+#: ``-strict unofficial``).  ffmpeg silently drops frames to reach the nearest
+#: of these for any other rate, so any other rate is refused instead.
+MPEG1_FRAME_RATES = {
+    "5": Fraction(5),
+    "10": Fraction(10),
+    "12": Fraction(12),
+    "15": Fraction(15),
+    "23.976": Fraction(24000, 1001),
+    "24": Fraction(24),
+    "25": Fraction(25),
+    "29.97": Fraction(30000, 1001),
+    "30": Fraction(30),
+    "50": Fraction(50),
+    "59.94": Fraction(60000, 1001),
+    "60": Fraction(60),
+}
+
+CAMERAS = ("auto", "picamera", "test")
+
+MIN_SIDE, MAX_SIDE = 32, 4095  # MPEG-1 allows at most 4095 pixels a side
+MIN_BITRATE, MAX_BITRATE = 32_000, 50_000_000
+
+_COLOUR = re.compile(r"^(#[0-9a-fA-F]{3}|#[0-9a-fA-F]{6}|[a-zA-Z]{3,20})$")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon needs to know, checked and in its final types."""
+
+    http: str = "tcp:8082"
+    ws: "str | None" = "tcp:8084"
+    width: int = 640
+    height: int = 480
+    framerate: Fraction = Fraction(24)
+    bitrate: int = 800_000
+    vflip: bool = False
+    hflip: bool = False
+    camera: str = "auto"
+    ffmpeg: str = "ffmpeg"
+    color: str = "#444"
+    bgcolor: str = "#333"
+
+    @property
+    def geometry(self):
+        return FrameGeometry(self.width, self.height)
+
+
+def parse_resolution(text):
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text)
+    if not match:
+        raise usage.UsageError(
+            f"--resolution: {text!r} is not WIDTHxHEIGHT (for example 640x480)"
+        )
+    width, height = int(match.group(1)), int(match.group(2))
+    for name, side in (("width", width), ("height", height)):
+        if not MIN_SIDE <= side <= MAX_SIDE:
+            raise usage.UsageError(
+                f"--resolution: {name} {side} is outside {MIN_SIDE}..{MAX_SIDE}"
+            )
+        if side % 2:
+            raise usage.UsageError(
+                f"--resolution: {name} {side} must be even (YUV 4:2:0 needs it)"
+            )
+    return width, height
+
+
+def parse_framerate(text):
+    key = text.strip()
+    if key.endswith(".0"):
+        key = key[:-2]
+    if key not in MPEG1_FRAME_RATES:
+        allowed = ", ".join(MPEG1_FRAME_RATES)
+        raise usage.UsageError(
+            f"--framerate: {text!r} is not a rate MPEG-1 can carry; use one of {allowed}"
+        )
+    return MPEG1_FRAME_RATES[key]
+
+
+def parse_bitrate(text):
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
+    if not match:
+        raise usage.UsageError(
+            f"--bitrate: {text!r} is not a bit rate (for example 800k or 2M)"
+        )
+    scale = {"": 1, "k": 1_000, "m": 1_000_000}[match.group(2).lower()]
+    bits = int(float(match.group(1)) * scale)
+    if not MIN_BITRATE <= bits <= MAX_BITRATE:
+        raise usage.UsageError(
+            f"--bitrate: {text} is outside {MIN_BITRATE // 1000}k..{MAX_BITRATE // 1_000_000}M"
+        )
+    return bits
+
+
+def parse_endpoint(option, text):
+    """A server endpoint string, checked for form (binding is tried at start-up)."""
+    from twisted.internet.endpoints import serverFromString
+
+    class _NoReactor:
+        pass
+
+    try:
+        serverFromString(_NoReactor(), text)
+    except (ValueError, TypeError, KeyError, IndexError) as e:
+        raise usage.UsageError(
+            f"--{option}: {text!r} is not a server endpoint (for example tcp:8082): {e}"
+        ) from None
+    return text
+
+
+def parse_ws_port(text):
+    """A port number, a server endpoint, or 'off'; returns an endpoint or None."""
+    text = text.strip()
+    if text.lower() in ("off", "none"):
+        return None
+    if text.isdigit():
+        port = int(text)
+        if not 0 <= port <= 65535:
+            raise usage.UsageError(f"--ws-port: {port} is outside 0..65535")
+        return f"tcp:{port}"
+    if ":" not in text:
+        raise usage.UsageError(
+            f"--ws-port: {text!r} is not a port number, an endpoint or 'off'"
+        )
+    return parse_endpoint("ws-port", text)
+
+
+def parse_colour(option, text):
+    if not _COLOUR.match(text):
+        raise usage.UsageError(
+            f"--{option}: {text!r} is not a colour (#rgb, #rrggbb or a CSS colour name)"
+        )
+    return text
+
+
+def find_ffmpeg(text):
+    """The ffmpeg executable, as an absolute path, or a UsageError saying what to do."""
+    path = shutil.which(text)
+    if path is None:
+        if os.sep in text:
+            raise usage.UsageError(
+                f"--ffmpeg: {text} is not an executable file; "
+                "install ffmpeg (apt install ffmpeg) or give its path with --ffmpeg"
+            )
+        raise usage.UsageError(
+            f"ffmpeg ({text}) was not found on PATH; "
+            "install it (apt install ffmpeg) or give its path with --ffmpeg"
+        )
+    return os.path.abspath(path)
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Stream a camera (or a test pattern) to web browsers as MPEG-1 video "
+        "over WebSockets, played by JSMpeg.  Open http://HOST:8082/ to watch."
+    )
+
+    optFlags = [
+        ["vflip", None, "Flip the picture vertically."],
+        ["hflip", None, "Flip the picture horizontally."],
+    ]
+
+    optParameters = [
+        ["http", None, Config.http,
+         "Endpoint of the HTTP server (page, player, and the stream at /stream)."],
+        ["ws-port", None, "8084",
+         "Extra port that serves only the WebSocket stream: a port number, "
+         "an endpoint (tcp:8084:interface=::1), or off."],
+        ["resolution", "r", f"{Config.width}x{Config.height}", "Picture size, WIDTHxHEIGHT."],
+        ["framerate", "f", "24",
+         "Frames per second: " + ", ".join(MPEG1_FRAME_RATES) + "."],
+        ["bitrate", "b", "800k", "Video bit rate, e.g. 800k or 2M."],
+        ["camera", "c", Config.camera,
+         "Frame source: auto (picamera if a camera answers, else test), picamera, test."],
+        ["ffmpeg", None, Config.ffmpeg, "The ffmpeg executable."],
+        ["color", None, Config.color, "Page text and frame colour."],
+        ["bgcolor", None, Config.bgcolor, "Page background colour."],
+    ]
+
+    compData = usage.Completions(
+        optActions={"camera": usage.CompleteList(CAMERAS)}
+    )
+
+    def postOptions(self):
+        width, height = parse_resolution(self["resolution"])
+        camera = self["camera"].strip().lower()
+        if camera not in CAMERAS:
+            raise usage.UsageError(
+                f"--camera: {self['camera']!r} is not one of {', '.join(CAMERAS)}"
+            )
+        self.config = Config(
+            http=parse_endpoint("http", self["http"]),
+            ws=parse_ws_port(self["ws-port"]),
+            width=width,
+            height=height,
+            framerate=parse_framerate(self["framerate"]),
+            bitrate=parse_bitrate(self["bitrate"]),
+            vflip=bool(self["vflip"]),
+            hflip=bool(self["hflip"]),
+            camera=camera,
+            ffmpeg=find_ffmpeg(self["ffmpeg"]),
+            color=parse_colour("color", self["color"]),
+            bgcolor=parse_colour("bgcolor", self["bgcolor"]),
+        )

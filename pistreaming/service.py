@@ -1,0 +1,71 @@
+"""makeService: the daemon's stages wired into one MultiService.
+
+    camera (thread) -> encoder (ffmpeg) -> broadcaster (WebSocket) -> viewers
+"""
+
+from twisted.application import service, strports
+from twisted.logger import Logger
+
+from pistreaming.broadcast import BroadcastService, StreamFactory
+from pistreaming.camera import choose_source
+from pistreaming.camera.service import CameraService
+from pistreaming.encoder import Encoder, ffmpeg_command
+from pistreaming.frames import stream_header
+from pistreaming.web import make_site
+
+log = Logger()
+
+
+class Pistream(service.MultiService):
+    """The running daemon; its stages are attributes for tests and stats."""
+
+    def __init__(self, config, reactor, source, why, player=None):
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        geometry = config.geometry
+        self.factory = StreamFactory(stream_header(config.width, config.height), reactor)
+        self.encoder = Encoder(
+            ffmpeg_command(config.ffmpeg, geometry, config.framerate, config.bitrate),
+            self.factory.broadcast, reactor,
+        )
+        self.camera = CameraService(source, geometry.frame_size, self.encoder.feed, reactor)
+        self.camera_reason = why
+        self.site = make_site(config, self.factory, player=player)
+
+        # Listening ports first: a port that cannot be bound stops start-up.
+        self.http = strports.service(config.http, self.site, reactor=reactor)
+        self.http.setServiceParent(self)
+        self.ws = None
+        if config.ws:
+            self.ws = strports.service(config.ws, self.factory, reactor=reactor)
+            self.ws.setServiceParent(self)
+        BroadcastService(self.factory, reactor).setServiceParent(self)
+        self.encoder.setServiceParent(self)
+        self.camera.setServiceParent(self)
+
+    def startService(self):
+        log.info("camera: {camera} chosen ({why})",
+                 camera=self.camera.source.name, why=self.camera_reason)
+        super().startService()
+        for svc, what in ((self.ws, "websockets server"), (self.http, "HTTP server")):
+            if svc is None:
+                continue
+            svc._waitingForPort.addCallback(self._listening, what)
+
+    def _listening(self, port, what):
+        address = port.getHost()
+        log.info("{what} on port {port} ({address})", what=what,
+                 port=address.port, address=f"{address.host}:{address.port}")
+        return port
+
+
+def makeService(config, reactor, source=None, player=None):
+    """Build the daemon for C{config} on C{reactor}.
+
+    @param source: a frame source; by default chosen from C{config.camera}.
+    """
+    why = "given"
+    if source is None:
+        source, why = choose_source(config)
+    return Pistream(config, reactor, source, why, player=player)

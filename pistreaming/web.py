@@ -1,0 +1,133 @@
+"""The HTTP side: the viewer page, the player script, and the stream at /stream.
+
+Routes (anything else is 404; methods other than GET and HEAD are 405):
+
+    /              redirect to index.html
+    /index.html    the viewer page, with the stream's path and size filled in
+    /jsmpg.js      the JSMpeg player (from the npm registry, built in)
+    /pistream.js   the page's own script
+    /pistream.css  the page's style
+    /stream        the WebSocket stream (same as the separate WebSocket port)
+"""
+
+import html
+import os
+from string import Template
+
+from autobahn.twisted.resource import WebSocketResource
+from twisted.web import resource, server
+
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+PLAYER = os.path.join(STATIC, "jsmpg.js")
+
+STREAM_PATH = "stream"
+
+
+class PlayerMissing(Exception):
+    """The JSMpeg player script was not built into the package."""
+
+
+def read_static(name):
+    with open(os.path.join(STATIC, name), "rb") as f:
+        return f.read()
+
+
+def read_player():
+    try:
+        return read_static("jsmpg.js")
+    except FileNotFoundError:
+        raise PlayerMissing(
+            f"the player script {PLAYER} is missing; build it with "
+            "'python setup.py build_player' (needs npm) or reinstall the package"
+        ) from None
+
+
+class StaticBytes(resource.Resource):
+    """One fixed document.  GET and HEAD only; no children (so no listings)."""
+
+    def __init__(self, body, content_type):
+        super().__init__()
+        self.body = body
+        self.content_type = content_type
+
+    def render_GET(self, request):
+        request.setHeader(b"content-type", self.content_type)
+        request.setHeader(b"cache-control", b"no-cache")
+        return self.body
+
+    def render_HEAD(self, request):
+        # The same headers as GET, Content-Length included, and no body.
+        self.render_GET(request)
+        request.setHeader(b"content-length", b"%d" % len(self.body))
+        return b""
+
+
+class RedirectToPage(resource.Resource):
+    def render_GET(self, request):
+        # Relative, so that it works behind a reverse proxy under a prefix.
+        request.setResponseCode(302)
+        request.setHeader(b"location", b"index.html")
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        return b'<a href="index.html">index.html</a>\n'
+
+
+class Root(resource.Resource):
+    def __init__(self, pages, stream):
+        super().__init__()
+        self.pages = pages
+        self.stream = stream
+        self.redirect = RedirectToPage()
+
+    def getChild(self, name, request):
+        if name == b"":
+            if request.postpath:  # "//something"
+                return resource.NoResource()
+            return self.redirect
+        if name == STREAM_PATH.encode() and not request.postpath:
+            return self.stream
+        page = self.pages.get(name)
+        if page is not None and not request.postpath:
+            return page
+        return resource.NoResource()
+
+    def render(self, request):  # "/" itself never reaches here; getChild(b"") does.
+        return resource.NoResource().render(request)
+
+
+class Request(server.Request):
+    """Adds the headers every response carries, and names no server version."""
+
+    def render(self, resrc):
+        self.setHeader(b"server", b"pistream")
+        self.setHeader(b"x-content-type-options", b"nosniff")
+        super().render(resrc)
+
+
+def render_page(template, config):
+    values = {
+        "width": str(config.width),
+        "height": str(config.height),
+        "stream": STREAM_PATH,
+        "color": config.color,
+        "bgcolor": config.bgcolor,
+    }
+    escaped = {k: html.escape(v, quote=True) for k, v in values.items()}
+    return Template(template).substitute(escaped).encode("utf-8")
+
+
+def make_site(config, stream_factory, player=None):
+    """The Site for C{config}; C{stream_factory} serves /stream."""
+    if player is None:
+        player = read_player()
+    template = read_static("index.html").decode("utf-8")
+    pages = {
+        b"index.html": StaticBytes(render_page(template, config), b"text/html; charset=utf-8"),
+        b"jsmpg.js": StaticBytes(player, b"text/javascript; charset=utf-8"),
+        b"pistream.js": StaticBytes(read_static("pistream.js"), b"text/javascript; charset=utf-8"),
+        b"pistream.css": StaticBytes(read_static("pistream.css"), b"text/css; charset=utf-8"),
+    }
+    root = Root(pages, WebSocketResource(stream_factory))
+    site = server.Site(root)
+    site.requestFactory = Request
+    site.displayTracebacks = False
+    return site
