@@ -16,10 +16,12 @@ MAX_INCOMING = 4096
 
 CLOSE_GOING_AWAY = 1001
 
+# Module-level: Autobahn's classes carry their own (level-filtered) loggers in
+# a class attribute named "log", which must not be replaced.
+log = Logger(namespace="pistreaming.broadcast")
+
 
 class ViewerProtocol(WebSocketServerProtocol):
-    log = Logger()
-
     def onOpen(self):
         self.factory.add_viewer(self)
 
@@ -33,7 +35,6 @@ class ViewerProtocol(WebSocketServerProtocol):
 
 class StreamFactory(WebSocketServerFactory):
     protocol = ViewerProtocol
-    log = Logger()
 
     def __init__(self, header, reactor):
         """
@@ -48,6 +49,11 @@ class StreamFactory(WebSocketServerFactory):
             maxMessagePayloadSize=MAX_INCOMING,
             openHandshakeTimeout=10,
             closeHandshakeTimeout=1,
+            # A viewer that breaks the protocol (e.g. too big a message) gets a
+            # close frame with the reason code before the TCP connection ends.
+            failByDrop=False,
+            # A plain HTTP request for the stream gets an error, not a status page.
+            webStatus=False,
             autoPingInterval=10,
             autoPingTimeout=10,
         )
@@ -59,13 +65,13 @@ class StreamFactory(WebSocketServerFactory):
     def add_viewer(self, viewer):
         viewer.sendMessage(self.header, isBinary=True)
         self.viewers.add(viewer)
-        self.log.info("viewer {peer} connected; {viewers} watching",
+        log.info("viewer {peer} connected; {viewers} watching",
                       peer=viewer.peer, viewers=len(self.viewers))
 
     def remove_viewer(self, viewer):
         if viewer in self.viewers:
             self.viewers.discard(viewer)
-            self.log.info("viewer {peer} left; {viewers} watching",
+            log.info("viewer {peer} left; {viewers} watching",
                           peer=viewer.peer, viewers=len(self.viewers))
 
     def broadcast(self, chunk):
@@ -80,8 +86,11 @@ class StreamFactory(WebSocketServerFactory):
                 self.bytes_sent += len(chunk)
 
     def close_all(self, reason="server shutting down"):
+        # sendClose() only lets applications use 1000 and 3000-4999; 1001
+        # ("going away") is the code that says what happens here.
         for viewer in list(self.viewers):
-            viewer.sendClose(CLOSE_GOING_AWAY, reason)
+            if viewer.state == WebSocketProtocol.STATE_OPEN:
+                viewer.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=reason.encode())
 
 
 class BroadcastService(service.Service):

@@ -178,7 +178,7 @@ class Options(usage.Options):
          "Endpoint of the HTTP server (page, player, and the stream at /stream)."],
         ["ws-port", None, "8084",
          "Extra port that serves only the WebSocket stream: a port number, "
-         "an endpoint (tcp:8084:interface=::1), or off."],
+         "an endpoint (tcp:8084:interface=127.0.0.1), or off."],
         ["resolution", "r", f"{Config.width}x{Config.height}", "Picture size, WIDTHxHEIGHT."],
         ["framerate", "f", "24",
          "Frames per second: " + ", ".join(MPEG1_FRAME_RATES) + "."],

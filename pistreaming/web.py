@@ -42,7 +42,20 @@ def read_player():
         ) from None
 
 
-class StaticBytes(resource.Resource):
+class GetOnly(resource.Resource):
+    """A resource that answers GET and HEAD, and 405 (with Allow) to any other
+    method; twisted.web would say 501 to methods it does not know."""
+
+    def render(self, request):
+        if request.method not in (b"GET", b"HEAD"):
+            request.setResponseCode(405)
+            request.setHeader(b"allow", b"GET, HEAD")
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return b"405 method not allowed\n"
+        return super().render(request)
+
+
+class StaticBytes(GetOnly):
     """One fixed document.  GET and HEAD only; no children (so no listings)."""
 
     def __init__(self, body, content_type):
@@ -62,7 +75,7 @@ class StaticBytes(resource.Resource):
         return b""
 
 
-class RedirectToPage(resource.Resource):
+class RedirectToPage(GetOnly):
     def render_GET(self, request):
         # Relative, so that it works behind a reverse proxy under a prefix.
         request.setResponseCode(302)

@@ -32,6 +32,7 @@ class TestPattern:
 
     name = "test"
     log = Logger()
+    __test__ = False  # not a test case, whatever pytest thinks of the name
 
     def __init__(self, width, height, framerate, vflip=False, hflip=False,
                  now=time.time, monotonic=time.monotonic):

@@ -1,0 +1,156 @@
+"""The encoder: real ffmpeg under a ProcessProtocol."""
+
+import os
+import random
+import signal
+import time
+
+from twisted.internet import defer, reactor
+from twisted.trial import unittest
+
+from pistreaming.camera.testpattern import TestPattern
+from pistreaming.encoder import Encoder, TSPacketizer, ffmpeg_command
+from pistreaming.frames import FrameGeometry
+from pistreaming.options import find_ffmpeg
+from tests.helpers import wait_until, with_timeout
+
+FFMPEG = find_ffmpeg("ffmpeg")
+
+
+class CommandTests(unittest.TestCase):
+    def test_padded_input_is_cropped_to_the_picture(self):
+        command = ffmpeg_command("/usr/bin/ffmpeg", FrameGeometry(800, 600), 24, 800_000)
+        assert command[0] == "/usr/bin/ffmpeg"
+        joined = " ".join(command)
+        assert "-f rawvideo -pix_fmt yuv420p -video_size 800x608 -framerate 24/1" in joined
+        assert "-i pipe:0 -vf crop=800:600:0:0" in joined
+        assert "-c:v mpeg1video -b:v 800000 -bf 0 -g 24" in joined
+        assert command[-9:] == ["-f", "mpegts", "-muxdelay", "0", "-muxpreload", "0",
+                                "-flush_packets", "1", "pipe:1"]
+        assert "-strict" not in command
+
+    def test_low_rates_need_ffmpegs_unofficial_mpeg1_rates(self):
+        command = ffmpeg_command("ffmpeg", FrameGeometry(640, 480), 15, 800_000)
+        assert command[command.index("-strict") + 1] == "unofficial"
+
+
+class PacketizerTests(unittest.TestCase):
+    def test_output_is_cut_on_188_byte_packet_boundaries(self):
+        rng = random.Random(7)
+        stream = bytes(rng.randrange(256) for _ in range(188 * 50 + 77))
+        packetizer = TSPacketizer()
+        out = []
+        pos = 0
+        while pos < len(stream):
+            step = rng.randrange(1, 700)
+            chunk = packetizer.feed(stream[pos:pos + step])
+            pos += step
+            assert len(chunk) % 188 == 0
+            out.append(chunk)
+        assert b"".join(out) == stream[:188 * 50]
+
+
+def frames(geometry, count, start=0):
+    pattern = TestPattern(geometry.width, geometry.height, 24)
+    return [pattern.render(start + i, time.time()) for i in range(count)]
+
+
+def process_exists(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class EncoderTests(unittest.TestCase):
+    timeout = 60
+
+    def setUp(self):
+        self.geometry = FrameGeometry(320, 240)
+        self.chunks = []
+        self.encoder = Encoder(
+            ffmpeg_command(FFMPEG, self.geometry, 24, 400_000), self.chunks.append, reactor)
+        self.encoder.first_restart_delay = 0.1
+        self.encoder.startService()
+        self.addCleanup(self.stop_encoder)
+        self.frames = frames(self.geometry, 24)
+        return wait_until(lambda: self.encoder.process is not None, 10, what="ffmpeg start")
+
+    def stop_encoder(self):
+        if self.encoder.running:
+            return with_timeout(self.encoder.stopService(), 5, "encoder stop")
+
+    def feed_until_output(self, timeout=10):
+        """Feed a frame every 1/24 s until ffmpeg has produced some output."""
+        before = len(self.chunks)
+        frames = iter(self.frames * 100)
+
+        def more():
+            self.encoder.feed(next(frames))
+            return len(self.chunks) > before
+
+        return wait_until(more, timeout, interval=1 / 24, what="encoded output")
+
+    @defer.inlineCallbacks
+    def test_frames_come_out_as_mpeg_ts(self):
+        yield self.feed_until_output()
+        data = b"".join(self.chunks)
+        assert all(len(c) % 188 == 0 for c in self.chunks)
+        assert all(data[i] == 0x47 for i in range(0, len(data), 188))
+        # An MPEG-1 sequence header (00 00 01 B3) starts the video.
+        assert b"\x00\x00\x01\xb3" in data
+        assert self.encoder.frames_in > 0
+        assert self.encoder.bytes_out == len(data)
+
+    @defer.inlineCallbacks
+    def test_killed_ffmpeg_is_restarted_and_output_resumes(self):
+        yield self.feed_until_output()
+        first = self.encoder.process.transport.pid
+        os.kill(first, signal.SIGKILL)
+        yield wait_until(lambda: self.encoder.process is not None
+                         and self.encoder.process.transport.pid != first,
+                         5, what="a new ffmpeg")
+        assert self.encoder.restarts == 1
+        assert not process_exists(first)
+        del self.chunks[:]
+        yield self.feed_until_output()
+        assert b"\x00\x00\x01\xb3" in b"".join(self.chunks)
+
+    @defer.inlineCallbacks
+    def test_frames_are_dropped_not_queued_while_ffmpeg_is_stuck(self):
+        yield self.feed_until_output()
+        pid = self.encoder.process.transport.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            dropped = self.encoder.frames_dropped
+            taken = self.encoder.frames_in
+            for frame in self.frames * 5:  # 120 frames, ~14 MB
+                self.encoder.feed(frame)
+            # Every frame taken is written to the pipe at once, so frames_in
+            # bounds what waits in memory: at most the frame being written.
+            assert self.encoder.frames_in - taken <= 2
+            assert self.encoder.frames_dropped - dropped >= 118
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        yield self.feed_until_output()
+
+    @defer.inlineCallbacks
+    def test_stop_reaps_ffmpeg_quickly(self):
+        yield self.feed_until_output()
+        pid = self.encoder.process.transport.pid
+        started = reactor.seconds()
+        yield with_timeout(self.encoder.stopService(), 3, "encoder stop")
+        assert reactor.seconds() - started < 2
+        assert not process_exists(pid)
+        assert self.encoder.restarts == 0
+
+    @defer.inlineCallbacks
+    def test_stop_of_a_stuck_ffmpeg_ends_in_sigkill(self):
+        yield self.feed_until_output()
+        pid = self.encoder.process.transport.pid
+        os.kill(pid, signal.SIGSTOP)  # ignores stdin EOF and SIGTERM until killed
+        started = reactor.seconds()
+        yield with_timeout(self.encoder.stopService(), 4, "encoder stop")
+        assert reactor.seconds() - started < 2
+        assert not process_exists(pid)

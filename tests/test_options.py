@@ -1,0 +1,123 @@
+"""Command-line options: defaults, parsing, and the errors a user sees."""
+
+import os
+import stat
+import subprocess
+from fractions import Fraction
+
+import pytest
+from twisted.python import usage
+
+from pistreaming import tap
+from pistreaming.options import Config, Options
+from tests.daemon import ROOT, twistd_command
+
+
+def parse(*args):
+    options = Options()
+    options.parseOptions(list(args))
+    return options.config
+
+
+def error_of(*args):
+    with pytest.raises(usage.UsageError) as e:
+        parse(*args)
+    return str(e.value)
+
+
+def test_defaults_match_the_original_demo():
+    config = parse()
+    assert config.http == "tcp:8082"
+    assert config.ws == "tcp:8084"
+    assert (config.width, config.height) == (640, 480)
+    assert config.framerate == 24
+    assert config.bitrate == 800_000
+    assert (config.vflip, config.hflip) == (False, False)
+    assert config.camera == "auto"
+    assert os.path.isabs(config.ffmpeg) and os.path.basename(config.ffmpeg) == "ffmpeg"
+    assert (config.color, config.bgcolor) == ("#444", "#333")
+
+
+def test_every_option_is_taken():
+    config = parse(
+        "--http", "tcp:9000:interface=127.0.0.1", "--ws-port", "9001",
+        "--resolution", "1296x730", "--framerate", "29.97", "--bitrate", "2.5M",
+        "--vflip", "--hflip", "--camera", "TEST", "--color", "#abc", "--bgcolor", "black",
+    )
+    assert config == Config(
+        http="tcp:9000:interface=127.0.0.1", ws="tcp:9001", width=1296, height=730,
+        framerate=Fraction(30000, 1001), bitrate=2_500_000, vflip=True, hflip=True,
+        camera="test", ffmpeg=config.ffmpeg, color="#abc", bgcolor="black",
+    )
+
+
+@pytest.mark.parametrize("value,endpoint", [
+    ("8084", "tcp:8084"), ("0", "tcp:0"), ("off", None), ("none", None),
+    ("tcp:8084:interface=127.0.0.1", "tcp:8084:interface=127.0.0.1"),
+    (r"tcp:8084:interface=\:\:1", r"tcp:8084:interface=\:\:1"),
+])
+def test_ws_port_forms(value, endpoint):
+    assert parse("--ws-port", value).ws == endpoint
+
+
+@pytest.mark.parametrize("args,message", [
+    (("--resolution", "640"), "--resolution: '640' is not WIDTHxHEIGHT"),
+    (("--resolution", "640x481"), "height 481 must be even"),
+    (("--resolution", "16x480"), "width 16 is outside 32..4095"),
+    (("--resolution", "5000x480"), "width 5000 is outside 32..4095"),
+    (("--framerate", "20"), "'20' is not a rate MPEG-1 can carry; use one of 5, 10"),
+    (("--framerate", "fast"), "--framerate: 'fast' is not a rate"),
+    (("--bitrate", "lots"), "--bitrate: 'lots' is not a bit rate"),
+    (("--bitrate", "1k"), "--bitrate: 1k is outside 32k..50M"),
+    (("--camera", "webcam"), "--camera: 'webcam' is not one of auto, picamera, test"),
+    (("--http", "bogus:8082"), "--http: 'bogus:8082' is not a server endpoint"),
+    (("--http", "tcp:notaport"), "--http: 'tcp:notaport' is not a server endpoint"),
+    (("--ws-port", "70000"), "--ws-port: 70000 is outside 0..65535"),
+    (("--ws-port", "abc"), "--ws-port: 'abc' is not a port number"),
+    (("--color", "red;}body{"), "--color: 'red;}body{' is not a colour"),
+    (("--bgcolor", "#12"), "--bgcolor: '#12' is not a colour"),
+    (("--ffmpeg", "/nonexistent/ffmpeg"), "--ffmpeg: /nonexistent/ffmpeg is not an executable"),
+    (("--ffmpeg", "no-such-ffmpeg"), "ffmpeg (no-such-ffmpeg) was not found on PATH; install it"),
+])
+def test_bad_values_are_refused_with_a_reason(args, message):
+    assert message in error_of(*args)
+
+
+def test_rates_mpeg1_carries_are_accepted():
+    for rate, value in [("5", 5), ("15", 15), ("23.976", Fraction(24000, 1001)),
+                        ("30", 30), ("60.0", 60)]:
+        assert parse("--framerate", rate).framerate == value
+
+
+def test_ffmpeg_given_as_a_path(tmp_path):
+    fake = tmp_path / "my-ffmpeg"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    assert parse("--ffmpeg", str(fake)).ffmpeg == str(fake)
+
+
+def test_tap_turns_a_usage_error_into_one_line():
+    options = tap.Options()
+    with pytest.raises(SystemExit) as e:
+        options.parseOptions(["--resolution", "big"])
+    assert str(e.value) == (
+        "twistd pistream: error: --resolution: 'big' is not WIDTHxHEIGHT (for example 640x480)"
+    )
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--framerate", "20"], "twistd pistream: error: --framerate: '20' is not a rate MPEG-1 can carry"),
+    (["--ffmpeg", "/nonexistent/ffmpeg"], "twistd pistream: error: --ffmpeg: /nonexistent/ffmpeg is not an executable file"),
+    (["--no-such-option"], "twistd pistream: error: option --no-such-option not recognized"),
+])
+def test_daemon_refuses_to_start_with_one_line(args, expected):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    result = subprocess.run(
+        twistd_command() + ["-n", "--pidfile=", "pistream"] + args,
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, result.stderr.decode()
+    assert lines[0].startswith(expected), lines[0]
+    assert result.stdout == b""

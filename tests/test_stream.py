@@ -1,0 +1,194 @@
+"""End to end: the real daemon, real ffmpeg, a real WebSocket client.
+
+What a viewer receives must decode (with ffmpeg) to pictures of the configured
+size, arriving at about the configured rate; the daemon must survive ffmpeg's
+death and stop promptly with viewers connected.
+"""
+
+import json
+import os
+import signal
+import struct
+import subprocess
+import time
+
+import pytest
+import websocket
+
+from tests.daemon import Daemon
+
+SEQUENCE_HEADER = b"\x00\x00\x01\xb3"
+
+
+def connect(url, timeout=10):
+    ws = websocket.create_connection(url, timeout=timeout)
+    return ws
+
+
+def read_header(ws):
+    opcode, data = ws.recv_data()
+    assert opcode == websocket.ABNF.OPCODE_BINARY
+    assert len(data) == 8 and data[:4] == b"jsmp"
+    return struct.unpack(">HH", data[4:])
+
+
+def collect(ws, seconds):
+    """Binary messages received for C{seconds}; asserts each is whole TS packets."""
+    chunks = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        opcode, data = ws.recv_data()
+        assert opcode == websocket.ABNF.OPCODE_BINARY
+        assert len(data) % 188 == 0 and len(data) > 0
+        assert all(data[i] == 0x47 for i in range(0, len(data), 188))
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+def decoded_frames(ts_bytes, tmp_path):
+    path = tmp_path / "received.ts"
+    path.write_bytes(ts_bytes)
+    result = subprocess.run(
+        ["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_entries",
+         "frame=pts_time,width,height", "-of", "json", str(path)],
+        capture_output=True, timeout=60, check=True,
+    )
+    return json.loads(result.stdout)["frames"]
+
+
+def decode_last_picture(ts_bytes, width, height, tmp_path):
+    """The last picture as raw YUV420 planes (Y, U, V)."""
+    path = tmp_path / "picture.ts"
+    path.write_bytes(ts_bytes)
+    result = subprocess.run(
+        ["ffmpeg", "-v", "error", "-i", str(path), "-f", "rawvideo",
+         "-pix_fmt", "yuv420p", "pipe:1"],
+        capture_output=True, timeout=60, check=True,
+    )
+    size = width * height * 3 // 2
+    frame = result.stdout[-size:]
+    y = frame[:width * height]
+    u = frame[width * height:width * height + size // 6]
+    v = frame[width * height + size // 6:]
+    return y, u, v
+
+
+def pids_alive(pids):
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    alive.append(pid)
+        except FileNotFoundError:
+            pass
+    return alive
+
+
+def ffmpeg_children(daemon):
+    found = []
+    for pid in daemon.pids():
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().strip() == "ffmpeg":
+                    found.append(pid)
+        except FileNotFoundError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("size,rate,via", [
+    ((640, 480), 24, "http"),
+    ((1296, 730), 15, "ws-port"),  # padded to 1312x736 by the camera
+])
+def test_viewer_receives_decodable_pictures_at_the_configured_size_and_rate(
+        size, rate, via, tmp_path):
+    width, height = size
+    seconds = 4.0
+    with Daemon("--resolution", f"{width}x{height}", "--framerate", str(rate),
+                "--bitrate", "1M") as daemon:
+        if via == "http":
+            url = f"ws://127.0.0.1:{daemon.http_port}/stream"
+        else:
+            url = f"ws://127.0.0.1:{daemon.ws_port}/"
+        ws = connect(url)
+        try:
+            assert read_header(ws) == (width, height)
+            started = time.monotonic()
+            data = collect(ws, seconds)
+            elapsed = time.monotonic() - started
+        finally:
+            ws.close()
+    frames = decoded_frames(data, tmp_path)
+    assert {(f["width"], f["height"]) for f in frames} == {(width, height)}
+    # The decoder starts at the first intra picture (at most one second in).
+    assert len(frames) >= rate * (elapsed - 1.2) * 0.8, (len(frames), elapsed)
+    assert len(frames) <= rate * elapsed * 1.1 + 2
+    times = [float(f["pts_time"]) for f in frames]
+    measured = (len(times) - 1) / (times[-1] - times[0])
+    assert abs(measured - rate) / rate < 0.1, measured
+    # Not garbled by the padding: the colour bars stand straight, top to bottom.
+    y, u, v = decode_last_picture(data, width, height, tmp_path)
+    cw = width // 2
+    for plane in (u, v):
+        for bar in range(6):
+            x = int((bar + 0.5) * cw / 6)
+            top, lower = plane[10 * cw + x], plane[(height // 4) * cw + x]
+            assert abs(top - lower) < 24, (bar, top, lower)
+    bars = [u[10 * cw + int((bar + 0.5) * cw / 6)] for bar in range(6)]
+    assert max(bars) - min(bars) > 100
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_shutdown_is_prompt_with_a_viewer_connected(signum):
+    with Daemon() as daemon:
+        ws = connect(f"ws://127.0.0.1:{daemon.http_port}/stream")
+        try:
+            read_header(ws)
+            collect(ws, 1.0)
+            children = ffmpeg_children(daemon)
+            assert len(children) == 1
+            code, took = daemon.stop(signum, timeout=10)
+            assert took < 2.0, took
+            # twistd ends by re-raising the signal it was stopped with, so the
+            # exit status says "terminated by SIGTERM/SIGINT", as for any daemon.
+            assert code in (0, -signum)
+            # The viewer was told the server is going away.
+            close_code = None
+            for _ in range(10_000):
+                opcode, data = ws.recv_data(control_frame=True)
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    close_code = struct.unpack(">H", data[:2])[0]
+                    break
+            assert close_code == 1001
+        finally:
+            ws.close()
+        assert pids_alive(children) == []
+        assert "Traceback" not in daemon.output()
+
+
+def test_viewers_stay_connected_when_ffmpeg_is_killed():
+    with Daemon("--framerate", "24") as daemon:
+        viewers = [connect(f"ws://127.0.0.1:{daemon.http_port}/stream"),
+                   connect(f"ws://127.0.0.1:{daemon.ws_port}/")]
+        try:
+            for ws in viewers:
+                read_header(ws)
+                collect(ws, 0.5)
+            (old,) = ffmpeg_children(daemon)
+            mark = len(daemon.lines)
+            os.kill(old, signal.SIGKILL)
+            daemon.wait_for(r"ffmpeg was killed by signal 9 .*restarting in", 5, start=mark)
+            daemon.wait_for(r"encoder process: ffmpeg pid (\d+)", 5, start=mark)
+            (new,) = ffmpeg_children(daemon)
+            assert new != old
+            # Both viewers, still on the same sockets, get a fresh picture start.
+            for ws in viewers:
+                data = b""
+                deadline = time.monotonic() + 5
+                while SEQUENCE_HEADER not in data and time.monotonic() < deadline:
+                    data += collect(ws, 0.2)
+                assert SEQUENCE_HEADER in data
+        finally:
+            for ws in viewers:
+                ws.close()
