@@ -4,6 +4,7 @@
 """
 
 from twisted.application import service, strports
+from twisted.internet import error
 from twisted.logger import Logger
 
 from pistreaming.broadcast import BroadcastService, StreamFactory
@@ -43,6 +44,25 @@ class Pistream(service.MultiService):
         BroadcastService(self.factory, reactor).setServiceParent(self)
         self.encoder.setServiceParent(self)
         self.camera.setServiceParent(self)
+
+    def privilegedStartService(self):
+        # Ports are bound here (before twistd drops privileges); a port that
+        # cannot be bound stops start-up with one line that names the option.
+        for svc, option, endpoint in ((self.http, "--http", self.config.http),
+                                      (self.ws, "--ws-port", self.config.ws)):
+            if svc is None:
+                continue
+            try:
+                svc.privilegedStartService()
+            except error.CannotListenError as e:
+                why = e.socketError.strerror if hasattr(e.socketError, "strerror") else e.socketError
+                raise SystemExit(
+                    f"twistd pistream: error: {option} {endpoint}: cannot listen "
+                    f"on port {e.port}: {str(why).lower()}"
+                ) from None
+        for svc in self:
+            if svc not in (self.http, self.ws):
+                svc.privilegedStartService()
 
     def startService(self):
         log.info("camera: {camera} chosen ({why})",

@@ -121,3 +121,25 @@ def test_daemon_refuses_to_start_with_one_line(args, expected):
     assert len(lines) == 1, result.stderr.decode()
     assert lines[0].startswith(expected), lines[0]
     assert result.stdout == b""
+
+
+def test_a_port_in_use_stops_start_up_with_one_line():
+    import socket
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    try:
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        result = subprocess.run(
+            twistd_command() + ["-n", "--pidfile=", "pistream", "--camera", "test",
+                                "--http", f"tcp:{port}:interface=127.0.0.1", "--ws-port", "off"],
+            cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=60,
+        )
+    finally:
+        taken.close()
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 1
+    assert (f"twistd pistream: error: --http tcp:{port}:interface=127.0.0.1: "
+            f"cannot listen on port {port}: address already in use") in output
+    assert "Traceback" not in output

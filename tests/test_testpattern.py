@@ -1,0 +1,79 @@
+"""The built-in test pattern: a camera-like source of padded YUV420 frames."""
+
+import threading
+import time
+
+from pistreaming.camera.testpattern import TestPattern
+from pistreaming.frames import FrameGeometry
+
+STAMP = time.mktime((2026, 11, 24, 12, 34, 56, 0, 0, -1)) + 0.5
+
+
+def planes(frame, geometry):
+    g = geometry
+    y = frame[:g.y_size]
+    u = frame[g.y_size:g.y_size + g.uv_size]
+    return y, u
+
+
+def test_frames_have_picameras_padded_layout():
+    for size in [(640, 480), (800, 600), (1296, 730)]:
+        pattern = TestPattern(*size, 24)
+        g = FrameGeometry(*size)
+        frame = pattern.render(0, STAMP)
+        assert len(frame) == g.frame_size
+        y, _ = planes(frame, g)
+        # padding columns and rows are black, outside the picture
+        for row in range(0, g.height, 37):
+            assert set(y[row * g.padded_width + g.width:(row + 1) * g.padded_width]) <= {16}
+        assert set(y[g.height * g.padded_width:]) <= {16}
+
+
+def test_the_picture_moves():
+    pattern = TestPattern(320, 240, 24)
+    a = pattern.render(0, STAMP)
+    b = pattern.render(5, STAMP)
+    changed = sum(1 for x, y in zip(a, b) if x != y)
+    assert changed > len(a) // 10
+
+
+def test_the_clock_shows_the_time():
+    pattern = TestPattern(320, 240, 24)
+    g = pattern.geometry
+    a = pattern.render(0, STAMP)
+    b = pattern.render(0, STAMP + 3600)  # an hour later: the hour digits change
+    band = slice(pattern._text_top * g.padded_width,
+                 (pattern._text_top + pattern._digit_h) * g.padded_width)
+    assert a[band] != b[band]
+    assert 235 in a[band] and 16 in a[band]  # white digits on black
+
+
+def test_flips_mirror_the_picture_inside_the_padding():
+    size = (800, 600)  # padded to 800x608
+    g = FrameGeometry(*size)
+    plain = TestPattern(*size, 24).render(3, STAMP)
+    both = TestPattern(*size, 24, vflip=True, hflip=True).render(3, STAMP)
+    w, pw = g.width, g.padded_width
+    for row in (0, 100, 599):
+        original = plain[row * pw:row * pw + w]
+        mirrored = both[(g.height - 1 - row) * pw:(g.height - 1 - row) * pw + w]
+        assert mirrored == original[::-1]
+
+
+def test_run_writes_frames_at_the_rate_until_stopped():
+    pattern = TestPattern(160, 120, 25)
+    written = []
+    stopping = threading.Event()
+
+    class Output:
+        def write(self, data):
+            written.append(len(data))
+            if len(written) == 10:
+                stopping.set()
+
+    started = time.monotonic()
+    pattern.run(Output(), stopping)
+    took = time.monotonic() - started
+    assert len(written) == 10
+    assert set(written) == {FrameGeometry(160, 120).frame_size}
+    assert 0.3 < took < 2.0  # nine intervals of 40 ms, bounded above generously
