@@ -120,9 +120,12 @@ class BroadcastService(service.Service):
         d = defer.Deferred()
 
         def cut_off():
+            # A normal close (FIN after what is buffered), not an abort: an
+            # abort's RST would make the viewer's kernel discard the close
+            # frame it has not read yet.  Exiting closes whatever remains.
             for viewer in viewers:
                 if viewer.transport is not None:
-                    viewer.dropConnection(abort=True)
+                    viewer.dropConnection(abort=False)
             d.callback(None)
 
         self.reactor.callLater(self.close_timeout, cut_off)

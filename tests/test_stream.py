@@ -10,6 +10,7 @@ import os
 import signal
 import struct
 import subprocess
+import threading
 import time
 
 import pytest
@@ -139,13 +140,39 @@ def test_viewer_receives_decodable_pictures_at_the_configured_size_and_rate(
     assert max(bars) - min(bars) > 100
 
 
+class ReadingViewer(threading.Thread):
+    """A viewer that reads all the time, as a browser does, and notes the close."""
+
+    def __init__(self, url):
+        super().__init__(daemon=True)
+        self.ws = connect(url)
+        self.header = read_header(self.ws)
+        self.received = 0
+        self.close_code = None
+        self.error = None
+
+    def run(self):
+        try:
+            for _ in range(100_000):
+                frame = self.ws.recv_frame()
+                if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
+                    self.close_code = struct.unpack(">H", frame.data[:2])[0]
+                    return
+                self.received += len(frame.data)
+        except Exception as e:  # the test asserts on what was seen
+            self.error = e
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_shutdown_is_prompt_with_a_viewer_connected(signum):
     with Daemon() as daemon:
-        ws = connect(f"ws://127.0.0.1:{daemon.http_port}/stream")
+        viewer = ReadingViewer(f"ws://127.0.0.1:{daemon.http_port}/stream")
+        viewer.start()
         try:
-            read_header(ws)
-            collect(ws, 1.0)
+            deadline = time.monotonic() + 10
+            while viewer.received < 10_000 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert viewer.received >= 10_000
             children = ffmpeg_children(daemon)
             assert len(children) == 1
             code, took = daemon.stop(signum, timeout=10)
@@ -153,16 +180,11 @@ def test_shutdown_is_prompt_with_a_viewer_connected(signum):
             # twistd ends by re-raising the signal it was stopped with, so the
             # exit status says "terminated by SIGTERM/SIGINT", as for any daemon.
             assert code in (0, -signum)
+            viewer.join(5)
             # The viewer was told the server is going away.
-            close_code = None
-            for _ in range(10_000):
-                opcode, data = ws.recv_data(control_frame=True)
-                if opcode == websocket.ABNF.OPCODE_CLOSE:
-                    close_code = struct.unpack(">H", data[:2])[0]
-                    break
-            assert close_code == 1001
+            assert viewer.close_code == 1001, viewer.error
         finally:
-            ws.close()
+            viewer.ws.close()
         assert pids_alive(children) == []
         assert "Traceback" not in daemon.output()
 
