@@ -163,6 +163,7 @@ class Encoder(service.Service):
     def startService(self):
         super().startService()
         self._stopping = False
+        self._delay = self.first_restart_delay
         self._spawn()
 
     def _spawn(self):

@@ -154,3 +154,31 @@ class EncoderTests(unittest.TestCase):
         yield with_timeout(self.encoder.stopService(), 4, "encoder stop")
         assert reactor.seconds() - started < 2
         assert not process_exists(pid)
+
+
+class FailingEncoderTests(unittest.TestCase):
+    """An ffmpeg that fails at once: its error output is logged, and restarts back off."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_error_output_is_logged_and_restarts_back_off(self):
+        from twisted.logger import globalLogPublisher
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        encoder = Encoder(
+            ["/bin/sh", "-c", "echo 'Unknown encoder mpeg1video_x' >&2; exit 3"],
+            lambda chunk: None, reactor)
+        encoder.first_restart_delay = 0.05
+        encoder.startService()
+        self.addCleanup(lambda: encoder.running and encoder.stopService())
+        yield wait_until(lambda: encoder.restarts >= 4, 10, what="four restarts")
+        yield with_timeout(encoder.stopService(), 3, "encoder stop")
+        failures = [e for e in events if e.get("log_namespace", "").endswith("Encoder")
+                    and "how" in e]
+        assert len(failures) >= 4
+        assert failures[0]["how"] == "exited with code 3"
+        assert failures[0]["stderr"] == ": Unknown encoder mpeg1video_x"
+        delays = [e["delay"] for e in failures[:4]]
+        assert delays == [0.05, 0.1, 0.2, 0.4]
