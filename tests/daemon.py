@@ -26,7 +26,12 @@ def twistd_command():
 class Daemon:
     """One running ``twistd -n pistream``; use as a context manager."""
 
-    def __init__(self, *args, camera="test", start_timeout=30):
+    def __init__(self, *args, camera="test", start_timeout=30, env=None):
+        """
+        @param env: extra environment variables; a C{PYTHONPATH} given here
+            goes before the checkout's.
+        """
+        self.extra_env = dict(env or {})
         self.args = [
             "--camera", camera,
             "--http", "tcp:0:interface=127.0.0.1",
@@ -44,13 +49,27 @@ class Daemon:
     def base_url(self):
         return f"http://127.0.0.1:{self.http_port}/"
 
-    def start(self):
+    def command(self):
+        return twistd_command() + ["-n", "--pidfile=", "pistream"] + self.args
+
+    def environment(self):
         env = dict(os.environ)
-        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        extra = dict(self.extra_env)
+        paths = [p for p in (extra.pop("PYTHONPATH", None), ROOT, env.get("PYTHONPATH")) if p]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra)
+        return env
+
+    def run_to_exit(self, timeout=30):
+        """Run a daemon expected to refuse to start; its CompletedProcess (text)."""
+        return subprocess.run(self.command(), cwd=ROOT, env=self.environment(),
+                              stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, text=True)
+
+    def start(self):
         self.process = subprocess.Popen(
-            twistd_command() + ["-n", "--pidfile=", "pistream"] + self.args,
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+            self.command(), cwd=ROOT, env=self.environment(), stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,
         )

@@ -6,6 +6,8 @@ padded frame, or part of one).  Errors raised in that thread, including our
 output's, come back to us from ``wait_recording``.
 """
 
+import warnings
+
 from twisted.logger import Logger
 
 
@@ -33,6 +35,11 @@ class PiCameraSource:
 
     def run(self, output, stopping):
         """Record into C{output} until C{stopping} is set; the camera is always closed."""
+        # picamera warns that it rounds the frame size up; that padding is
+        # expected (the encoder crops it), so the warning is noise in the log.
+        rounded = getattr(self._picamera, "PiCameraResolutionRounded", None)
+        if rounded is not None:
+            warnings.filterwarnings("ignore", category=rounded)
         camera = self._picamera.PiCamera(
             resolution=(self.width, self.height), framerate=self.framerate
         )

@@ -1,0 +1,42 @@
+"""Headless Chromium (Debian's /usr/bin/chromium) driven by Playwright.
+
+Playwright's own browser download is never used: it launches the system
+Chromium with the flags this closed network needs (no background
+connections to Google), in a fresh profile.
+"""
+
+import io
+import os
+import shutil
+
+CHROMIUM = os.environ.get("PISTREAM_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+
+CHROMIUM_ARGS = [
+    "--no-sandbox",  # CI runs as root
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--mute-audio",
+    # Keep timers and animation frames running in pages that are not in front.
+    "--disable-background-timer-throttling",
+    "--disable-renderer-backgrounding",
+    "--disable-backgrounding-occluded-windows",
+]
+
+
+def launch(playwright, headless=True):
+    if not os.path.exists(CHROMIUM):
+        raise RuntimeError(f"Chromium is not installed at {CHROMIUM} (apt install chromium)")
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=headless,
+                                      args=CHROMIUM_ARGS)
+
+
+def picture(png_bytes):
+    """A screenshot as a Pillow RGB image."""
+    from PIL import Image
+    return Image.open(io.BytesIO(png_bytes)).convert("RGB")

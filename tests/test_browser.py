@@ -1,0 +1,121 @@
+"""What a person sees: the page from the running daemon, in headless Chromium.
+
+The canvas must show a picture (the test pattern's colour bars), the picture
+must change over time, keep its aspect on a phone-sized screen, and come back
+by itself when the daemon restarts.
+"""
+
+import time
+
+import pytest
+from PIL import ImageChops, ImageStat
+from playwright.sync_api import sync_playwright
+
+from tests.browser import launch, picture
+from tests.daemon import Daemon
+
+BACKGROUND = (0x33, 0x33, 0x33)  # the page's default --bgcolor
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        browser = launch(p)
+        yield browser
+        browser.close()
+
+
+def open_page(browser, url, **context):
+    ctx = browser.new_context(**context)
+    page = ctx.new_page()
+    page.set_default_timeout(15_000)
+    page.goto(url)
+    return ctx, page
+
+
+def wait_for_pictures(page, more_than, timeout=15_000):
+    page.wait_for_function(f"window.pistream && window.pistream.frames > {more_than}",
+                           timeout=timeout)
+
+
+def test_the_page_shows_a_live_picture_that_changes(browser):
+    with Daemon("--resolution", "640x480", "--framerate", "24") as daemon:
+        ctx, page = open_page(browser, daemon.base_url)  # "/" redirects to the page
+        try:
+            assert page.url.endswith("/index.html")
+            assert page.locator("#status").inner_text() in ("connecting\u2026", "")
+            wait_for_pictures(page, 10)
+            assert page.locator("#status").is_hidden()
+            state = page.evaluate("({w: window.pistream.width, h: window.pistream.height,"
+                                  " cw: document.getElementById('video').width,"
+                                  " url: window.pistream.url})")
+            assert (state["w"], state["h"], state["cw"]) == (640, 480, 640)
+            assert state["url"] == f"ws://127.0.0.1:{daemon.http_port}/stream"
+            canvas = page.locator("#video")
+            first = picture(canvas.screenshot())
+            page.wait_for_function("window.pistream.frames > %d"
+                                   % (page.evaluate("window.pistream.frames") + 12))
+            second = picture(canvas.screenshot())
+        finally:
+            ctx.close()
+    # A picture, not a blank canvas: the six colour bars are there.
+    assert max(ImageStat.Stat(first).stddev) > 20
+    w, h = first.size
+    bars = [first.getpixel((int((i + 0.5) * w / 6), h // 8)) for i in range(6)]
+    assert len({tuple(c // 32 for c in bar) for bar in bars}) >= 5, bars
+    # And it moves.
+    diff = ImageChops.difference(first, second)
+    assert max(ImageStat.Stat(diff).mean) > 2, ImageStat.Stat(diff).mean
+
+
+def test_on_a_phone_the_picture_fills_the_width_and_keeps_its_aspect(browser):
+    with Daemon("--resolution", "640x480") as daemon:
+        ctx, page = open_page(browser, daemon.base_url + "index.html",
+                              viewport={"width": 390, "height": 844},
+                              device_scale_factor=1, is_mobile=True, has_touch=True)
+        try:
+            wait_for_pictures(page, 5)
+            shot = picture(page.screenshot())
+        finally:
+            ctx.close()
+    width, height = shot.size
+    assert (width, height) == (390, 844)
+    rows = [y for y in range(height)
+            if any(shot.getpixel((x, y)) != BACKGROUND for x in range(0, width, 13))]
+    top, bottom = rows[0], rows[-1]
+    # 640x480 scaled to 390 wide is 292.5 high, centred.
+    assert abs((bottom - top + 1) - 292.5) <= 3, (top, bottom)
+    assert abs((top + bottom) / 2 - height / 2) <= 3, (top, bottom)
+    columns = [x for x in range(width) if shot.getpixel((x, height // 2)) != BACKGROUND]
+    assert columns[0] <= 1 and columns[-1] >= width - 2
+
+
+def test_the_page_comes_back_by_itself_after_the_daemon_restarts(browser):
+    first = Daemon("--ws-port", "off").start()
+    port = first.http_port
+    try:
+        ctx, page = open_page(browser, first.base_url)
+        wait_for_pictures(page, 5)
+    finally:
+        first.stop()
+    try:
+        page.wait_for_function("window.pistream.state !== 'playing'", timeout=5_000)
+        assert page.locator("#status").inner_text() == "reconnecting\u2026"
+        before = page.evaluate("window.pistream.frames")
+        deadline = time.monotonic() + 10
+        second = Daemon("--http", f"tcp:{port}:interface=127.0.0.1", "--ws-port", "off")
+        while True:  # the port may take a moment to be free again
+            try:
+                second.start()
+                break
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+                second = Daemon("--http", f"tcp:{port}:interface=127.0.0.1",
+                                "--ws-port", "off")
+        with second:
+            wait_for_pictures(page, before + 5, timeout=15_000)
+            assert page.evaluate("window.pistream.connects") >= 2
+            assert page.locator("#status").is_hidden()
+    finally:
+        ctx.close()
