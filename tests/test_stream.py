@@ -6,6 +6,7 @@ death and stop promptly with viewers connected.
 """
 
 import json
+import re
 import os
 import signal
 import struct
@@ -214,3 +215,22 @@ def test_viewers_stay_connected_when_ffmpeg_is_killed():
         finally:
             for ws in viewers:
                 ws.close()
+
+
+def test_repeated_ctrl_c_during_shutdown_is_harmless():
+    with Daemon() as daemon:
+        ws = connect(f"ws://127.0.0.1:{daemon.http_port}/stream")
+        read_header(ws)
+        collect(ws, 0.2)  # the reactor is running: video flows
+        ws.close()
+        started = time.monotonic()
+        for signum in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+            daemon.process.send_signal(signum)
+        code = daemon.process.wait(10)
+        took = time.monotonic() - started
+        assert took < 2.0, took
+        assert code in (0, -signal.SIGINT)
+        daemon.wait_for(r"Server Shut Down", 5)
+        # (Two signals sent at once may reach the process as one.)
+        assert re.search(r"already shutting down \(SIG(INT|TERM)\)", daemon.output())
+        assert "Traceback" not in daemon.output()
