@@ -1,27 +1,183 @@
 """The WebSocket side: every viewer gets the stream header, then the video.
 
 The factory owns the set of open viewers.  Each chunk of MPEG-TS packets from
-the encoder is framed once (a prepared message, never compressed) and the same
-bytes are written to every open viewer.
+the encoder is framed once (an Autobahn prepared message, never compressed)
+and the same bytes are written to every viewer.
+
+What a decoder needs to start (the latest sequence header and intra picture,
+and the pictures since) is kept, and a newcomer gets it right after the
+header, so its first picture shows at once and it is at live straight after.
+
+Each viewer has a bounded backlog.  While its connection takes what is
+written, chunks go straight to it.  When the connection pushes back (the
+transport's buffer is full), chunks wait in the viewer's queue; if the queue
+grows past the limit, the viewer skips ahead: what waits is dropped (the
+picture already on its way is completed) and nothing more is queued until
+the next point where a decoder can start.  What a viewer receives is thus
+always decodable, and no viewer slows any other.  A viewer that takes
+nothing for ``stuck_timeout`` seconds is closed.
 """
+
+import collections
+import json
+import socket
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 #: Viewers never need to send anything; anything bigger than this is refused.
 MAX_INCOMING = 4096
 
+#: The subprotocol of clients (the page) that also want status messages:
+#: JSON text messages such as {"viewers": 3} or {"camera": "unavailable", ...}.
+STATUS_PROTOCOL = "pistream"
+
 CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008
 
 # Module-level: Autobahn's classes carry their own (level-filtered) loggers in
 # a class attribute named "log", which must not be replaced.
 log = Logger(namespace="pistreaming.broadcast")
 
 
+class StartCache:
+    """What a newcomer needs first: the chunks since the last point a
+    decoder can start at (bounded in bytes; empty until there is one)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self.chunks = []
+        self.size = 0
+
+    def add(self, chunk, message):
+        if chunk.keyframe:
+            self.chunks = []
+            self.size = 0
+        elif not self.chunks:
+            return  # no starting point yet: nothing a newcomer could decode
+        self.chunks.append((chunk, message))
+        self.size += len(chunk)
+        if self.size > self.limit:  # no starting point for far too long
+            self.chunks = []
+            self.size = 0
+
+    def clear(self):
+        self.chunks = []
+        self.size = 0
+
+
+@implementer(IPushProducer)
+class Viewer:
+    """One open connection's sending state.  Registered as the producer of
+    the connection's transport, which pauses it when its buffer is full."""
+
+    def __init__(self, protocol, factory, now):
+        self.protocol = protocol
+        self.factory = factory
+        self.peer = protocol.peer
+        self.connected_since = now
+        self.queue = collections.deque()
+        self.queued = 0
+        self.paused = False
+        self.paused_since = None
+        self.skipping = False
+        self.bytes_sent = 0
+        self.skips = 0
+        self.status = protocol.wants_status
+
+    # IPushProducer: called by the transport
+    def pauseProducing(self):
+        if not self.paused:
+            self.paused = True
+            self.paused_since = self.factory.reactor.seconds()
+
+    def resumeProducing(self):
+        self.paused = False
+        self.paused_since = None
+        self._flush()
+
+    def stopProducing(self):
+        self.queue.clear()
+        self.queued = 0
+
+    def offer(self, chunk, message):
+        if self.skipping:
+            if not chunk.keyframe:
+                return
+            self.skipping = False
+        if not self.paused and not self.queue:
+            self._send(chunk, message)
+            return
+        self.queue.append((chunk, message))
+        self.queued += len(chunk)
+        if self.queued > self.factory.backlog_limit:
+            self._skip_ahead()
+
+    def _send(self, chunk, message):
+        self.protocol.sendPreparedMessage(message)
+        self.bytes_sent += len(chunk)
+        self.factory.bytes_sent += len(chunk)
+
+    def _flush(self):
+        while self.queue and not self.paused:
+            chunk, message = self.queue.popleft()
+            self.queued -= len(chunk)
+            self._send(chunk, message)
+
+    def _skip_ahead(self):
+        # Keep the rest of the picture already partly sent (the chunks before
+        # the first picture start), drop the rest, wait for a starting point.
+        # If a starting point is already queued and what follows it fits,
+        # resume there at once.
+        kept = collections.deque()
+        while self.queue and not self.queue[0][0].picture:
+            kept.append(self.queue.popleft())
+        queued = list(self.queue)
+        starts = [i for i, (chunk, _) in enumerate(queued) if chunk.keyframe]
+        restart = queued[starts[-1]:] if starts else []
+        kept_size = sum(len(chunk) for chunk, _ in kept)
+        if kept_size + sum(len(chunk) for chunk, _ in restart) > self.factory.backlog_limit:
+            restart = []
+        dropped = sum(len(chunk) for chunk, _ in queued) - sum(len(c) for c, _ in restart)
+        self.queue = kept
+        self.queue.extend(restart)
+        self.queued = sum(len(chunk) for chunk, _ in self.queue)
+        self.skipping = not restart
+        self.skips += 1
+        self.factory.skips += 1
+        log.info("viewer {peer} fell behind; skipped {dropped} bytes to the next "
+                 "picture a decoder can start at", peer=self.peer, dropped=dropped)
+
+    def backlog(self):
+        return self.queued
+
+    def describe(self, now):
+        return {
+            "address": self.peer,
+            "connected_since": self.connected_since,
+            "connected_for": round(now - self.connected_since, 3),
+            "bytes_sent": self.bytes_sent,
+            "backlog": self.queued,
+            "stalled": self.paused,
+            "skips": self.skips,
+        }
+
+
 class ViewerProtocol(WebSocketServerProtocol):
+    viewer = None
+    wants_status = False
+
+    def onConnect(self, request):
+        if STATUS_PROTOCOL in request.protocols:
+            self.wants_status = True
+            return STATUS_PROTOCOL
+        return None
+
     def onOpen(self):
         self.factory.add_viewer(self)
 
@@ -36,9 +192,18 @@ class ViewerProtocol(WebSocketServerProtocol):
 class StreamFactory(WebSocketServerFactory):
     protocol = ViewerProtocol
 
-    def __init__(self, header, reactor):
+    #: Bytes a viewer may have waiting before it skips ahead (set from the
+    #: options: about a second of video by default).
+    backlog_limit = 256 * 1024
+    #: Seconds a viewer may take nothing before it is closed.
+    stuck_timeout = 10.0
+
+    def __init__(self, header, reactor, send_buffer=None, start_cache_limit=4 * 1024 * 1024):
         """
         @param header: the first message each viewer gets (C{b'jsmp'} + size).
+        @param send_buffer: the kernel send buffer (SO_SNDBUF) for viewer
+            sockets, so that a slow viewer's backlog shows here instead of
+            hiding in the kernel; None leaves the system's default.
         """
         super().__init__(server=None, reactor=reactor)
         # Served on two ports (the HTTP one, under /stream, and its own), so
@@ -58,60 +223,141 @@ class StreamFactory(WebSocketServerFactory):
             autoPingTimeout=10,
         )
         self.header = header
-        self.viewers = set()
+        self.send_buffer = send_buffer
+        self.viewers = {}  # protocol -> Viewer
+        self.start_cache = StartCache(start_cache_limit)
+        self.status = {}
         self.bytes_discarded = 0
         self.bytes_sent = 0
+        self.bytes_in = 0
+        self.skips = 0
+        self.viewers_total = 0
 
-    def add_viewer(self, viewer):
-        viewer.sendMessage(self.header, isBinary=True)
-        self.viewers.add(viewer)
+    # viewers
+    def add_viewer(self, protocol):
+        viewer = Viewer(protocol, self, self.reactor.seconds())
+        transport = protocol.transport
+        # On the HTTP port the web server's channel is still the transport's
+        # producer; the stream takes over.
+        if getattr(transport, "producer", None) is not None:
+            transport.unregisterProducer()
+        transport.registerProducer(viewer, True)
+        if self.send_buffer:
+            self._set_send_buffer(transport)
+        protocol.viewer = viewer
+        self.viewers[protocol] = viewer
+        self.viewers_total += 1
+        protocol.sendMessage(self.header, isBinary=True)
+        for chunk, message in self.start_cache.chunks:
+            viewer.offer(chunk, message)
+        if viewer.status:
+            for key, value in self.status.items():
+                protocol.sendMessage(json.dumps({key: value}).encode(), isBinary=False)
         log.info("viewer {peer} connected; {viewers} watching",
-                      peer=viewer.peer, viewers=len(self.viewers))
+                 peer=protocol.peer, viewers=len(self.viewers))
+        self._tell_viewers({"viewers": len(self.viewers)})
 
-    def remove_viewer(self, viewer):
-        if viewer in self.viewers:
-            self.viewers.discard(viewer)
-            log.info("viewer {peer} left; {viewers} watching",
-                          peer=viewer.peer, viewers=len(self.viewers))
+    def _set_send_buffer(self, transport):
+        try:
+            handle = transport.getHandle()
+        except AttributeError:
+            return
+        if isinstance(handle, socket.socket):
+            try:
+                handle.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.send_buffer)
+            except OSError:
+                pass
 
+    def remove_viewer(self, protocol):
+        viewer = self.viewers.pop(protocol, None)
+        if viewer is None:
+            return
+        viewer.stopProducing()
+        log.info("viewer {peer} left; {viewers} watching",
+                 peer=protocol.peer, viewers=len(self.viewers))
+        self._tell_viewers({"viewers": len(self.viewers)})
+
+    # the stream
     def broadcast(self, chunk):
-        """Send C{chunk} (whole MPEG-TS packets) to every open viewer."""
+        """Send C{chunk} (a L{pistreaming.mpegts.Chunk}) to every open viewer."""
+        self.bytes_in += len(chunk)
+        message = self.prepareMessage(chunk.data, isBinary=True, doNotCompress=True)
+        self.start_cache.add(chunk, message)
         if not self.viewers:
             self.bytes_discarded += len(chunk)
             return
-        message = self.prepareMessage(chunk, isBinary=True, doNotCompress=True)
-        for viewer in self.viewers:
-            if viewer.state == WebSocketProtocol.STATE_OPEN:
-                viewer.sendPreparedMessage(message)
-                self.bytes_sent += len(chunk)
+        for protocol, viewer in self.viewers.items():
+            if protocol.state == WebSocketProtocol.STATE_OPEN:
+                viewer.offer(chunk, message)
+
+    def set_status(self, **status):
+        """Tell viewers that asked for status (the page) what changed."""
+        changed = {k: v for k, v in status.items() if self.status.get(k) != v}
+        if not changed:
+            return
+        self.status.update(changed)
+        self._tell_viewers(changed)
+
+    def _tell_viewers(self, message):
+        payload = json.dumps(message).encode()
+        for protocol, viewer in self.viewers.items():
+            if viewer.status and protocol.state == WebSocketProtocol.STATE_OPEN:
+                protocol.sendMessage(payload, isBinary=False)
+
+    def close_stuck(self):
+        """Close viewers that have taken nothing for C{stuck_timeout} seconds."""
+        now = self.reactor.seconds()
+        for protocol, viewer in list(self.viewers.items()):
+            if viewer.paused_since is not None and now - viewer.paused_since > self.stuck_timeout:
+                log.warn("viewer {peer} took nothing for {seconds:.0f}s; closing it",
+                         peer=viewer.peer, seconds=now - viewer.paused_since)
+                viewer.paused_since = None
+                if protocol.state == WebSocketProtocol.STATE_OPEN:
+                    protocol.sendCloseFrame(
+                        code=CLOSE_POLICY,
+                        reasonUtf8=b"not reading the stream")
+                else:
+                    protocol.dropConnection(abort=True)
 
     def close_all(self, reason="server shutting down"):
         # sendClose() only lets applications use 1000 and 3000-4999; 1001
         # ("going away") is the code that says what happens here.
-        for viewer in list(self.viewers):
-            if viewer.state == WebSocketProtocol.STATE_OPEN:
-                viewer.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=reason.encode())
+        for protocol in list(self.viewers):
+            if protocol.state == WebSocketProtocol.STATE_OPEN:
+                protocol.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=reason.encode())
+
+    def describe(self):
+        now = self.reactor.seconds()
+        return [viewer.describe(now) for viewer in self.viewers.values()]
 
 
 class BroadcastService(service.Service):
-    """Closes every viewer's WebSocket when the daemon stops."""
+    """Watches for stuck viewers, and closes every viewer's WebSocket when
+    the daemon stops."""
 
     name = "broadcast"
     log = Logger()
     #: How long viewers get to answer the close before they are cut off.
     close_timeout = 0.5
+    check_interval = 1.0
 
     def __init__(self, factory, reactor):
         self.factory = factory
         self.reactor = reactor
+        self._watch = None
 
     def startService(self):
         super().startService()
         self.log.info("broadcast: MPEG-TS to WebSocket viewers, header {header}",
                       header=self.factory.header.hex())
+        self._watch = task.LoopingCall(self.factory.close_stuck)
+        self._watch.clock = self.reactor
+        self._watch.start(self.check_interval, now=False)
 
     def stopService(self):
         super().stopService()
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
         viewers = list(self.factory.viewers)
         if not viewers:
             return defer.succeed(None)

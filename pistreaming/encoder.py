@@ -1,5 +1,12 @@
-"""The encoder: an ffmpeg child process, raw YUV420 in, MPEG-1 in MPEG-TS out."""
+"""The encoder: an ffmpeg child process, raw YUV420 in, MPEG-1 in MPEG-TS out.
 
+Its output is read as it arrives, cut into chunks that begin where pictures
+begin (pistreaming.mpegts), and handed to the sink.  Each picture that comes
+out is matched, by its timestamp, with the frame that went in, so that the
+time a frame spent waiting for ffmpeg and inside ffmpeg is measured.
+"""
+
+import collections
 import os
 import signal
 from fractions import Fraction
@@ -10,7 +17,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
-TS_PACKET = 188
+from pistreaming.mpegts import PictureSplitter, TSPacketizer
 
 #: Rates MPEG-1 carries only with ffmpeg's ``-strict unofficial``.
 UNOFFICIAL_RATES = {Fraction(5), Fraction(10), Fraction(12), Fraction(15)}
@@ -37,26 +44,14 @@ def ffmpeg_command(ffmpeg, geometry, framerate, bitrate):
     if framerate in UNOFFICIAL_RATES:
         command += ["-strict", "unofficial"]
     command += [
-        # MPEG-TS out, each packet flushed at once
+        # MPEG-TS out, each packet flushed at once, with the length of each
+        # picture's PES packet written in its header, so that a demuxer knows
+        # the picture is complete without waiting for the next one
         "-f", "mpegts", "-muxdelay", "0", "-muxpreload", "0", "-flush_packets", "1",
+        "-omit_video_pes_length", "0",
         "pipe:1",
     ]
     return command
-
-
-class TSPacketizer:
-    """Cuts a byte stream into runs of whole 188-byte MPEG-TS packets."""
-
-    def __init__(self):
-        self._rest = b""
-
-    def feed(self, data):
-        """Return the whole packets available now (possibly b''); keep the rest."""
-        if self._rest:
-            data = self._rest + data
-        whole = len(data) - len(data) % TS_PACKET
-        self._rest = data[whole:]
-        return data[:whole]
 
 
 @implementer(IPushProducer)
@@ -70,6 +65,11 @@ class FFmpegProtocol(protocol.ProcessProtocol):
     def __init__(self, encoder):
         self.encoder = encoder
         self.packetizer = TSPacketizer()
+        self.splitter = PictureSplitter()
+        #: (frame number in this run, captured at, written at) of frames in ffmpeg
+        self.in_flight = collections.deque()
+        self.frames_written = 0
+        self.first_pts = None
         self.paused = False
         self.writable = False
         self.stderr = b""
@@ -85,7 +85,8 @@ class FFmpegProtocol(protocol.ProcessProtocol):
     def outReceived(self, data):
         packets = self.packetizer.feed(data)
         if packets:
-            self.encoder._encoded(packets)
+            for chunk in self.splitter.feed(packets):
+                self.encoder._encoded(self, chunk)
 
     def errReceived(self, data):
         self.stderr = (self.stderr + data)[-self.stderr_limit:]
@@ -104,12 +105,31 @@ class FFmpegProtocol(protocol.ProcessProtocol):
     def stopProducing(self):
         self.writable = False
 
-    def write_frame(self, frame):
+    def write_frame(self, frame, captured_at, now):
         """Write a frame to ffmpeg if it can take one now; return whether it did."""
         if not self.writable or self.paused:
             return False
         self.transport.write(frame)
+        self.in_flight.append((self.frames_written, captured_at, now))
+        self.frames_written += 1
+        if len(self.in_flight) > 256:  # ffmpeg dropped some; forget the oldest
+            self.in_flight.popleft()
         return True
+
+    def frame_for(self, pts, framerate):
+        """(captured at, written at) of the frame that became the picture at
+        C{pts}, or None if it is not known."""
+        if pts is None:
+            return None
+        if self.first_pts is None:
+            self.first_pts = pts
+        number = round((pts - self.first_pts) * framerate)
+        while self.in_flight and self.in_flight[0][0] < number:
+            self.in_flight.popleft()
+        if self.in_flight and self.in_flight[0][0] == number:
+            _, captured_at, written_at = self.in_flight.popleft()
+            return captured_at, written_at
+        return None
 
     def stderr_text(self):
         return self.stderr.decode("utf-8", "replace").strip()
@@ -129,10 +149,18 @@ class Encoder(service.Service):
     term_after = 0.8
     kill_after = 1.4
 
-    def __init__(self, command, sink, reactor, env=None):
+    def __init__(self, command, sink, reactor, framerate=24, env=None, timings=None):
+        """
+        @param sink: called with each L{pistreaming.mpegts.Chunk} of output.
+        @param framerate: the input's frame rate (to match pictures to frames).
+        @param timings: called with (captured at, written at, out at) for each
+            picture whose frame is known.
+        """
         self.command = list(command)
         self.sink = sink
         self.reactor = reactor
+        self.framerate = Fraction(framerate)
+        self.timings = timings
         self.env = dict(os.environ) if env is None else env
         self.process = None
         self.restarts = 0
@@ -140,6 +168,7 @@ class Encoder(service.Service):
         self.frames_dropped = 0
         self.bytes_in = 0
         self.bytes_out = 0
+        self.pictures_out = 0
         self._delay = self.first_restart_delay
         self._restart_call = None
         self._stopping = False
@@ -147,17 +176,26 @@ class Encoder(service.Service):
         self._stop_timers = []
 
     # feeding
-    def feed(self, frame):
+    def feed(self, frame, captured_at=None):
         """Offer one raw frame; it is dropped (and counted) if ffmpeg is busy."""
-        if self.process is not None and self.process.write_frame(frame):
+        now = self.reactor.seconds()
+        if captured_at is None:
+            captured_at = now
+        if self.process is not None and self.process.write_frame(frame, captured_at, now):
             self.frames_in += 1
             self.bytes_in += len(frame)
         else:
             self.frames_dropped += 1
 
-    def _encoded(self, packets):
-        self.bytes_out += len(packets)
-        self.sink(packets)
+    def _encoded(self, proto, chunk):
+        self.bytes_out += len(chunk)
+        if chunk.picture:
+            self.pictures_out += 1
+            if self.timings is not None:
+                frame = proto.frame_for(chunk.pts, self.framerate)
+                if frame is not None:
+                    self.timings(frame[0], frame[1], self.reactor.seconds())
+        self.sink(chunk)
 
     # lifecycle
     def startService(self):

@@ -12,6 +12,7 @@ from pistreaming.camera import choose_source
 from pistreaming.camera.service import CameraService
 from pistreaming.encoder import Encoder, ffmpeg_command
 from pistreaming.frames import stream_header
+from pistreaming.stats import Stats
 from pistreaming.web import make_site
 
 log = Logger()
@@ -25,10 +26,17 @@ class Pistream(service.MultiService):
         self.config = config
         self.reactor = reactor
         geometry = config.geometry
-        self.factory = StreamFactory(stream_header(config.width, config.height), reactor)
+        second_of_video = config.bitrate // 8
+        self.factory = StreamFactory(
+            stream_header(config.width, config.height), reactor,
+            # Half a second of video in the kernel, at most, per viewer.
+            send_buffer=max(64 * 1024, second_of_video // 2))
+        self.factory.backlog_limit = max(64 * 1024, second_of_video)
+        self.stats = Stats(self, reactor)
         self.encoder = Encoder(
             ffmpeg_command(config.ffmpeg, geometry, config.framerate, config.bitrate),
-            self.factory.broadcast, reactor,
+            self.factory.broadcast, reactor, framerate=config.framerate,
+            timings=self.stats.picture_timing,
         )
         self.camera = CameraService(source, geometry.frame_size, self.encoder.feed, reactor)
         self.camera_reason = why
@@ -42,6 +50,7 @@ class Pistream(service.MultiService):
             self.ws = strports.service(config.ws, self.factory, reactor=reactor)
             self.ws.setServiceParent(self)
         BroadcastService(self.factory, reactor).setServiceParent(self)
+        self.stats.setServiceParent(self)
         self.encoder.setServiceParent(self)
         self.camera.setServiceParent(self)
 

@@ -7,6 +7,7 @@ from twisted.web import server
 
 from pistreaming.broadcast import BroadcastService, StreamFactory
 from pistreaming.frames import stream_header
+from pistreaming.mpegts import Chunk
 from tests.helpers import wait_until, with_timeout
 
 HEADER = stream_header(640, 480)
@@ -25,8 +26,11 @@ class Viewer(WebSocketClientProtocol):
         self.closed = (code, reason)
 
 
-def packets(n, fill):
-    return b"".join(b"\x47" + bytes([fill]) * 187 for _ in range(n))
+def packets(n, fill, picture=False, keyframe=False):
+    """A chunk of C{n} TS packets (not real video: the broadcaster only
+    looks at the chunk's flags)."""
+    data = b"".join(b"\x47" + bytes([fill]) * 187 for _ in range(n))
+    return Chunk(data, picture=picture or keyframe, keyframe=keyframe)
 
 
 class BroadcastTests(unittest.TestCase):
@@ -84,7 +88,7 @@ class BroadcastTests(unittest.TestCase):
         yield wait_until(lambda: all(len(v.messages) == 11 for v in viewers), 5,
                          what="all chunks at all viewers")
         for v in viewers:
-            assert v.messages == [(HEADER, True)] + [(c, True) for c in chunks]
+            assert v.messages == [(HEADER, True)] + [(c.data, True) for c in chunks]
         # framed once per chunk, not once per viewer
         assert len(prepared) == len(chunks)
         assert self.factory.bytes_sent == 5 * sum(map(len, chunks))

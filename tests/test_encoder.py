@@ -9,7 +9,8 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from pistreaming.camera.testpattern import TestPattern
-from pistreaming.encoder import Encoder, TSPacketizer, ffmpeg_command
+from pistreaming.encoder import Encoder, ffmpeg_command
+from pistreaming.mpegts import TSPacketizer
 from pistreaming.frames import FrameGeometry
 from pistreaming.options import find_ffmpeg
 from tests.helpers import wait_until, with_timeout
@@ -25,8 +26,9 @@ class CommandTests(unittest.TestCase):
         assert "-f rawvideo -pix_fmt yuv420p -video_size 800x608 -framerate 24/1" in joined
         assert "-i pipe:0 -vf crop=800:600:0:0" in joined
         assert "-c:v mpeg1video -b:v 800000 -bf 0 -g 24" in joined
-        assert command[-9:] == ["-f", "mpegts", "-muxdelay", "0", "-muxpreload", "0",
-                                "-flush_packets", "1", "pipe:1"]
+        assert command[-11:] == ["-f", "mpegts", "-muxdelay", "0", "-muxpreload", "0",
+                                 "-flush_packets", "1", "-omit_video_pes_length", "0",
+                                 "pipe:1"]
         assert "-strict" not in command
 
     def test_low_rates_need_ffmpegs_unofficial_mpeg1_rates(self):
@@ -70,7 +72,8 @@ class EncoderTests(unittest.TestCase):
         self.geometry = FrameGeometry(320, 240)
         self.chunks = []
         self.encoder = Encoder(
-            ffmpeg_command(FFMPEG, self.geometry, 24, 400_000), self.chunks.append, reactor)
+            ffmpeg_command(FFMPEG, self.geometry, 24, 400_000),
+            lambda chunk: self.chunks.append(chunk.data), reactor, framerate=24)
         self.encoder.first_restart_delay = 0.1
         self.encoder.startService()
         self.addCleanup(self.stop_encoder)

@@ -75,7 +75,8 @@ class CaptureTests(unittest.TestCase):
     def start(self, width=640, height=480, rate=30, vflip=False, hflip=False):
         source = PiCameraSource(fake, width, height, rate, vflip=vflip, hflip=hflip)
         geometry = FrameGeometry(width, height)
-        service = CameraService(source, geometry.frame_size, self.frames.append, reactor)
+        service = CameraService(source, geometry.frame_size,
+                                lambda frame, captured_at: self.frames.append(frame), reactor)
         service.retry_delays = (0.05,)
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())

@@ -3,6 +3,7 @@
 import threading
 import time
 
+from pistreaming import stamp
 from pistreaming.camera.testpattern import TestPattern
 from pistreaming.frames import FrameGeometry
 
@@ -54,10 +55,25 @@ def test_flips_mirror_the_picture_inside_the_padding():
     plain = TestPattern(*size, 24).render(3, STAMP)
     both = TestPattern(*size, 24, vflip=True, hflip=True).render(3, STAMP)
     w, pw = g.width, g.padded_width
-    for row in (0, 100, 599):
+    # (The stamp strip at the top, for machines, is never flipped.)
+    for row in (100, 300, 499):
         original = plain[row * pw:row * pw + w]
         mirrored = both[(g.height - 1 - row) * pw:(g.height - 1 - row) * pw + w]
         assert mirrored == original[::-1]
+    for frame in (plain, both):
+        assert stamp.read(frame, pw, w, g.height) == stamp.Stamp.at(STAMP, 3)
+
+
+def test_every_frame_carries_a_readable_stamp_of_its_capture():
+    for size in [(640, 480), (1296, 730), (320, 240)]:
+        pattern = TestPattern(*size, 30)
+        g = pattern.geometry
+        for number in (0, 1, 65_537):
+            frame = pattern.render(number, STAMP + number / 30)
+            found = stamp.read(frame, g.padded_width, g.width, g.height)
+            assert found == stamp.Stamp.at(STAMP + number / 30, number)
+            assert found.frame == number % 65_536
+            assert abs(found.seconds_near(STAMP) - (STAMP + number / 30)) < 0.001
 
 
 def test_run_writes_frames_at_the_rate_until_stopped():
@@ -66,7 +82,7 @@ def test_run_writes_frames_at_the_rate_until_stopped():
     stopping = threading.Event()
 
     class Output:
-        def write(self, data):
+        def write(self, data, captured_at=None):
             written.append(len(data))
             if len(written) == 10:
                 stopping.set()

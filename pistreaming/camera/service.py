@@ -30,6 +30,7 @@ class CameraService(service.Service):
         self.reactor = reactor
         self.output = FrameOutput(frame_size, self._deliver, reactor.callFromThread)
         self.failures = 0
+        self.state = "starting"
         self._stopping = threading.Event()
         self._running = None
         self._retry = None
@@ -42,9 +43,10 @@ class CameraService(service.Service):
     def frames_dropped(self):
         return self.output.frames_dropped
 
-    def _deliver(self, frame):
+    def _deliver(self, frame, captured_at):
         if not self._stopping.is_set():
-            self.sink(frame)
+            self.state = "ok"
+            self.sink(frame, captured_at)
 
     def startService(self):
         super().startService()

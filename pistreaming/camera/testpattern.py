@@ -4,7 +4,9 @@ It produces the same padded raw YUV420 frames picamera does (width rounded up
 to 32, height to 16), through the same ``run(output, stopping)`` loop, so the
 rest of the daemon cannot tell it from a camera.  The picture moves (diagonal
 stripes drifting, a bouncing box) and shows a clock and a frame counter in
-large seven-segment digits.
+large seven-segment digits.  At the top left, a strip of black and white
+blocks says, machine-readably, when the frame was captured and its number
+(pistreaming.stamp), so that latency can be measured on what a viewer sees.
 
 Everything is drawn with slice copies of precomputed byte strings, so it is
 cheap: 1280x720 at 30 fps takes a few percent of one core.
@@ -14,6 +16,7 @@ import time
 
 from twisted.logger import Logger
 
+from pistreaming import stamp
 from pistreaming.frames import FrameGeometry
 
 BLACK, WHITE = 16, 235  # video-range luma
@@ -72,10 +75,16 @@ class TestPattern:
         self._text_top = h - self._digit_h - max(4, h // 24)
         self._text_top -= self._text_top % 2
         band_top = (self._text_top - self._thick * 2) // 2
+        # So does the band at the top with the stamp and the frame counter.
+        shape = stamp.layout(w, h)
+        stamp_bottom = shape[1] * stamp.BLOCK if shape else 0
+        self._counter_top = self._thick * 2
+        top_band = max(stamp_bottom, self._counter_top + self._digit_h + self._thick * 2)
+        top_band = (top_band + 1) // 2
         grey = bytes([128]) * cw
         u_rows = [bytes(row_u)] * ch
         v_rows = [bytes(row_v)] * ch
-        for y in range(max(0, band_top), ch):
+        for y in list(range(0, min(top_band, ch))) + list(range(max(0, band_top), ch)):
             u_rows[y] = grey
             v_rows[y] = grey
         self._u_rows = self._flip_rows(u_rows)
@@ -152,9 +161,15 @@ class TestPattern:
         x = max(self._thick * 2, (w - len(text) * (self._digit_w + self._thick * 2)) // 2)
         self._draw_text(luma, text, x, self._text_top)
         counter = f"{number % 100000:5d}"
-        self._draw_text(luma, counter, self._thick * 2, self._thick * 2)
+        step = self._digit_w + self._thick * 2
+        self._draw_text(luma, counter, w - step * len(counter) - self._thick,
+                        self._counter_top)
+        if self.vflip or self.hflip:
+            rows = self._flip_rows([luma[y * w:(y + 1) * w] for y in range(h)])
+            luma = bytearray(b"".join(rows))
+        # The stamp goes on last, unflipped: it is for machines, not the scene.
+        stamp.draw(luma, w, w, h, stamp.Stamp.at(timestamp, number))
         rows = [luma[y * w:(y + 1) * w] for y in range(h)]
-        rows = self._flip_rows(rows)
         return self._pad(rows, w, h, g.padded_width, g.padded_height, BLACK) + \
             self._pad(self._u_rows, w // 2, h // 2, g.padded_width // 2, g.padded_height // 2, 128) + \
             self._pad(self._v_rows, w // 2, h // 2, g.padded_width // 2, g.padded_height // 2, 128)
@@ -185,7 +200,8 @@ class TestPattern:
         number = 0
         due = self._monotonic()
         while not stopping.is_set():
-            output.write(self.render(number, self._now()))
+            captured = self._now()
+            output.write(self.render(number, captured), captured_at=captured)
             number += 1
             due += interval
             delay = due - self._monotonic()
