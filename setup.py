@@ -88,6 +88,7 @@ setup(
     install_requires=[
         "Twisted>=22.4",
         "autobahn>=22.7",
+        "prometheus_client>=0.16",
     ],
     extras_require={
         "picamera": ["picamera>=1.13"],

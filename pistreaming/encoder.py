@@ -19,8 +19,6 @@ from twisted.internet.interfaces import IPushProducer
 
 from pistreaming.mpegts import PictureSplitter, TSPacketizer
 
-#: Rates MPEG-1 carries only with ffmpeg's ``-strict unofficial``.
-UNOFFICIAL_RATES = {Fraction(5), Fraction(10), Fraction(12), Fraction(15)}
 
 
 def ffmpeg_command(ffmpeg, geometry, framerate, bitrate):
@@ -31,18 +29,23 @@ def ffmpeg_command(ffmpeg, geometry, framerate, bitrate):
     gop = max(1, round(framerate))
     command = [
         ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error",
-        # input: raw padded frames on stdin, read as they come
+        # input: raw padded frames on stdin, read as they come.  (No
+        # "-fflags nobuffer -probesize 32": with them, ffmpeg 5.1 holds one
+        # more frame back.)
         "-f", "rawvideo", "-pix_fmt", "yuv420p",
         "-video_size", f"{geometry.padded_width}x{geometry.padded_height}",
-        "-framerate", rate, "-fflags", "nobuffer", "-probesize", "32",
+        "-framerate", rate,
         "-i", "pipe:0",
         # crop away the camera's padding
         "-vf", geometry.crop_filter,
-        # MPEG-1 video without B-frames (they would add a frame of delay)
+        # MPEG-1 video without B-frames, and with low_delay, without which
+        # ffmpeg's MPEG-1 encoder holds each picture back until the next
+        # frame arrives (a frame interval of delay).  ffmpeg allows
+        # low_delay for MPEG-1, and frame rates 5, 10, 12 and 15, only with
+        # "-strict unofficial"; the pictures are plain MPEG-1 all the same.
         "-c:v", "mpeg1video", "-b:v", str(bitrate), "-bf", "0", "-g", str(gop),
+        "-flags", "low_delay", "-strict", "unofficial",
     ]
-    if framerate in UNOFFICIAL_RATES:
-        command += ["-strict", "unofficial"]
     command += [
         # MPEG-TS out, each packet flushed at once, with the length of each
         # picture's PES packet written in its header, so that a demuxer knows

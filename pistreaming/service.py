@@ -40,7 +40,7 @@ class Pistream(service.MultiService):
         )
         self.camera = CameraService(source, geometry.frame_size, self.encoder.feed, reactor)
         self.camera_reason = why
-        self.site = make_site(config, self.factory, player=player)
+        self.site = make_site(config, self.factory, stats=self.stats, player=player)
 
         # Listening ports first: a port that cannot be bound stops start-up.
         self.http = strports.service(config.http, self.site, reactor=reactor)

@@ -8,9 +8,12 @@ Routes (anything else is 404; methods other than GET and HEAD are 405):
     /pistream.js   the page's own script
     /pistream.css  the page's style
     /stream        the WebSocket stream (same as the separate WebSocket port)
+    /stats.json    the daemon's figures (pistreaming.stats), as JSON
+    /metrics       the same figures in the Prometheus text format
 """
 
 import html
+import json
 import os
 from string import Template
 
@@ -75,6 +78,39 @@ class StaticBytes(GetOnly):
         return b""
 
 
+class LiveDocument(GetOnly):
+    """A document made anew for each request (never cached)."""
+
+    def __init__(self, produce, content_type):
+        super().__init__()
+        self.produce = produce
+        self.content_type = content_type
+
+    def render_GET(self, request):
+        body = self.produce()
+        request.setHeader(b"content-type", self.content_type)
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
+
+    render_HEAD = render_GET
+
+
+def stats_json(stats):
+    return lambda: (json.dumps(stats.gather(), indent=1) + "\n").encode("utf-8")
+
+
+def metrics_text(stats):
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+    from pistreaming.metrics import StatsCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StatsCollector(stats))
+    return (lambda: generate_latest(registry)), CONTENT_TYPE_LATEST.encode()
+
+
 class RedirectToPage(GetOnly):
     def render_GET(self, request):
         # Relative, so that it works behind a reverse proxy under a prefix.
@@ -128,8 +164,9 @@ def render_page(template, config):
     return Template(template).substitute(escaped).encode("utf-8")
 
 
-def make_site(config, stream_factory, player=None):
-    """The Site for C{config}; C{stream_factory} serves /stream."""
+def make_site(config, stream_factory, stats=None, player=None):
+    """The Site for C{config}; C{stream_factory} serves /stream and C{stats}
+    (a L{pistreaming.stats.Stats}) /stats.json and /metrics."""
     if player is None:
         player = read_player()
     template = read_static("index.html").decode("utf-8")
@@ -139,6 +176,9 @@ def make_site(config, stream_factory, player=None):
         b"pistream.js": StaticBytes(read_static("pistream.js"), b"text/javascript; charset=utf-8"),
         b"pistream.css": StaticBytes(read_static("pistream.css"), b"text/css; charset=utf-8"),
     }
+    if stats is not None:
+        pages[b"stats.json"] = LiveDocument(stats_json(stats), b"application/json")
+        pages[b"metrics"] = LiveDocument(*metrics_text(stats))
     root = Root(pages, WebSocketResource(stream_factory))
     site = server.Site(root)
     site.requestFactory = Request

@@ -29,7 +29,9 @@ class CommandTests(unittest.TestCase):
         assert command[-11:] == ["-f", "mpegts", "-muxdelay", "0", "-muxpreload", "0",
                                  "-flush_packets", "1", "-omit_video_pes_length", "0",
                                  "pipe:1"]
-        assert "-strict" not in command
+        # no B-frames, and MPEG-1's low_delay (which ffmpeg gates behind
+        # -strict unofficial): no picture waits for the next frame
+        assert "-bf 0" in joined and "-flags low_delay -strict unofficial" in joined
 
     def test_low_rates_need_ffmpegs_unofficial_mpeg1_rates(self):
         command = ffmpeg_command("ffmpeg", FrameGeometry(640, 480), 15, 800_000)
@@ -105,6 +107,19 @@ class EncoderTests(unittest.TestCase):
         assert b"\x00\x00\x01\xb3" in data
         assert self.encoder.frames_in > 0
         assert self.encoder.bytes_out == len(data)
+
+    @defer.inlineCallbacks
+    def test_each_picture_comes_out_without_waiting_for_the_next_frame(self):
+        yield self.feed_until_output()
+        yield wait_until(lambda: self.encoder.pictures_out == self.encoder.frames_in, 5,
+                         what="every frame fed so far to come out")
+        for number in range(5):
+            before = self.encoder.pictures_out
+            self.encoder.feed(self.frames[number])
+            # Nothing else is fed: ffmpeg must not hold the picture back
+            # until the next frame arrives (MPEG-1's low_delay).
+            yield wait_until(lambda: self.encoder.pictures_out == before + 1, 5,
+                             what=f"picture {number} out on its own")
 
     @defer.inlineCallbacks
     def test_killed_ffmpeg_is_restarted_and_output_resumes(self):

@@ -1,0 +1,78 @@
+"""The daemon's figures (pistreaming.stats) as Prometheus metrics, for /metrics."""
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+
+def _gauge(name, doc, value, labels=None):
+    family = GaugeMetricFamily(name, doc, labels=list(labels or {}))
+    family.add_metric(list((labels or {}).values()), value)
+    return family
+
+
+def _counter(name, doc, value):
+    family = CounterMetricFamily(name, doc)
+    family.add_metric([], value)
+    return family
+
+
+class StatsCollector:
+    """A prometheus_client collector that reads the figures at each scrape."""
+
+    def __init__(self, stats):
+        self.stats = stats
+
+    def collect(self):
+        s = self.stats.gather()
+        stream, camera, encoder = s["stream"], s["camera"], s["encoder"]
+        broadcast, viewers = s["broadcast"], s["viewers"]
+        yield _gauge("pistream_uptime_seconds", "Seconds since the daemon started.",
+                     s["uptime"])
+        yield _gauge("pistream_viewers", "Viewers connected now.", viewers["count"])
+        yield _counter("pistream_viewers_connected", "Viewers that have connected.",
+                       viewers["total"])
+        yield _gauge("pistream_viewers_backlog_bytes",
+                     "Bytes waiting in viewers' queues, all viewers together.",
+                     sum(v["backlog"] for v in viewers["list"]))
+        yield _counter("pistream_viewer_skips",
+                       "Times a viewer fell behind and skipped ahead.", broadcast["skips"])
+        yield _gauge("pistream_camera_up", "1 while the camera delivers frames.",
+                     1 if camera["state"] == "ok" else 0)
+        yield _counter("pistream_camera_failures", "Times the camera failed or stalled.",
+                       camera["failures"])
+        yield _counter("pistream_frames_captured", "Frames the camera delivered.",
+                       camera["frames_captured"])
+        dropped = CounterMetricFamily(
+            "pistream_frames_dropped",
+            "Frames dropped before the encoder, by where (camera hand-off, or "
+            "ffmpeg still busy).", labels=["where"])
+        dropped.add_metric(["camera"], camera["frames_dropped"])
+        dropped.add_metric(["encoder"], encoder["frames_dropped"])
+        yield dropped
+        yield _counter("pistream_encoder_frames", "Frames written to ffmpeg.",
+                       encoder["frames_in"])
+        yield _counter("pistream_encoder_pictures", "Pictures ffmpeg encoded.",
+                       encoder["pictures_out"])
+        yield _counter("pistream_encoder_restarts", "Times ffmpeg was restarted.",
+                       encoder["restarts"])
+        yield _counter("pistream_encoder_in_bytes", "Raw bytes written to ffmpeg.",
+                       encoder["bytes_in"])
+        yield _counter("pistream_encoder_out_bytes", "Encoded bytes read from ffmpeg.",
+                       encoder["bytes_out"])
+        yield _counter("pistream_sent_bytes", "Video bytes written to viewers.",
+                       broadcast["bytes_sent"])
+        yield _counter("pistream_discarded_bytes",
+                       "Video bytes discarded because nobody watched.",
+                       broadcast["bytes_discarded"])
+        yield _gauge("pistream_bitrate_bits_per_second",
+                     "Encoded bit rate over the last seconds.", stream["bitrate"])
+        yield _gauge("pistream_framerate_per_second",
+                     "Encoded pictures per second over the last seconds.", stream["fps"])
+        latency = GaugeMetricFamily(
+            "pistream_stage_latency_seconds",
+            "Time frames spend in a stage over the last minute, by quantile.",
+            labels=["stage", "quantile"])
+        for stage, summary in s["latency_ms"].items():
+            for quantile, key in (("0.5", "p50"), ("0.95", "p95"), ("1", "max")):
+                if summary[key] is not None:
+                    latency.add_metric([stage, quantile], summary[key] / 1000)
+        yield latency
