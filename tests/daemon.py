@@ -44,15 +44,20 @@ class Daemon:
     def base_url(self):
         return f"http://127.0.0.1:{self.http_port}/"
 
-    def start(self):
+    def command(self):
+        """The command line, and the keyword arguments of Popen that go with it."""
         env = dict(os.environ)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env["PYTHONUNBUFFERED"] = "1"
+        return twistd_command() + ["-n", "--pidfile=", "pistream"] + self.args, \
+            {"cwd": ROOT, "env": env}
+
+    def start(self):
+        command, how = self.command()
         self.process = subprocess.Popen(
-            twistd_command() + ["-n", "--pidfile=", "pistream"] + self.args,
-            cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
+            command, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, **how,
         )
         threading.Thread(target=self._read, daemon=True).start()
         http = self.wait_for(r"HTTP server on port (\d+)", self.start_timeout)
