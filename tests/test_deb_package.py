@@ -1,5 +1,5 @@
 """The Debian package, end to end, on this machine (root on Debian only; it
-takes a few minutes, and ``-m "not package"`` leaves it out).
+takes a minute or two, and ``-m "not package"`` leaves it out).
 
 It builds the package from a copy of this tree with ``dpkg-buildpackage -us
 -uc -b`` (installing the Build-Depends with ``apt-get build-dep``), runs
@@ -59,18 +59,18 @@ def why_not_here():
     return None
 
 
+NOT_HERE = why_not_here()
 pytestmark = [pytest.mark.package,
-              pytest.mark.skipif(why_not_here() is not None, reason=why_not_here() or "")]
+              pytest.mark.skipif(NOT_HERE is not None, reason=NOT_HERE or "")]
 
 
-def system_env(**extra):
+def system_env():
     env = {"PATH": SYSTEM_PATH, "HOME": os.environ.get("HOME", "/root"),
            "LANG": "C.UTF-8", "DEBIAN_FRONTEND": "noninteractive"}
     for name, value in os.environ.items():
         if name.lower() in ("http_proxy", "https_proxy", "no_proxy") \
                 or name.lower().startswith("npm_config_"):
             env[name] = value
-    env.update(extra)
     return env
 
 
