@@ -283,12 +283,17 @@ def test_systemd_analyze_verify_accepts_the_installed_unit(build):
 
 
 def test_the_installed_defaults_file_shows_every_option_of_the_installed_daemon(build):
-    help_text = run(["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups",
-                     "/usr/bin/twistd3", "pistream", "--help"], cwd="/").stdout
+    help_text = as_service_user("/usr/bin/twistd3", "pistream", "--help")
     options = options_from_help(help_text)
     assert "resolution" in options
     with open(DEFAULTS) as f:
         assert options_missing_from_defaults(options, f.read()) == []
+
+
+def as_service_user(*command):
+    """What C{command} prints, run as the service's user with its groups."""
+    return run(["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups", *command],
+               cwd="/").stdout
 
 
 def set_options(text, opts):
@@ -385,7 +390,7 @@ def test_the_installed_daemon_run_as_its_unit_runs_it_serves_the_page_and_the_st
             f.write(set_options(text, CHANGED_OPTS))
 
     daemon = UnitDaemon()
-    command, how = daemon.command()
+    command, _ = daemon.command()
     assert command[command.index("--") + 1:] == [
         "/usr/bin/twistd3", "--nodaemon", "--pidfile=", "pistream", *CHANGED_OPTS.split()]
     with daemon:
@@ -403,11 +408,10 @@ def test_the_installed_daemon_run_as_its_unit_runs_it_serves_the_page_and_the_st
         twisted, autobahn = (debian_upstream_version(name)
                              for name in ("python3-twisted", "python3-autobahn"))
         assert daemon.search(rf"twistd {re.escape(twisted)} \(/usr/bin/python3 ")
-        where = run(["setpriv", f"--reuid={USER}", f"--regid={USER}", "--init-groups",
-                     "/usr/bin/python3", "-c",
-                     "import autobahn, pistreaming.web as w; print(w.STATIC, autobahn.__version__)"],
-                    cwd="/").stdout.split()
-        assert where == [f"{SITE}/pistreaming/static", autobahn]
+        where = as_service_user(
+            "/usr/bin/python3", "-c",
+            "import autobahn, pistreaming.web as w; print(w.STATIC, autobahn.__version__)")
+        assert where.split() == [f"{SITE}/pistreaming/static", autobahn]
 
         status, page = http_get(daemon.http_port, "/index.html")
         assert status == 200
@@ -453,9 +457,9 @@ def test_remove_then_purge_leave_nothing_behind(build):
         assert not os.path.lexists(path), path
     assert not user_exists() and not group_exists()
     assert USER not in grp.getgrnam("video").gr_mem
-    with open("/etc/group") as g, open("/etc/passwd") as p, open("/etc/gshadow") as gs:
-        for text in (g.read(), p.read(), gs.read()):
-            assert not re.search(rf"\b{USER}\b", text)
+    for database in ("/etc/passwd", "/etc/shadow", "/etc/group", "/etc/gshadow"):
+        with open(database) as f:
+            assert not re.search(rf"\b{USER}\b", f.read()), database
     left = [path for path in files if os.path.lexists(path)
             and not (os.path.isdir(path) and "pistream" not in path)]
     assert left == [], left

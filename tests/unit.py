@@ -8,8 +8,6 @@ tests/test_deb_package.py (the installed copies).
 import re
 import shlex
 
-DEBIAN = "debian"
-UNIT = "pistreaming.service"
 DEFAULTS_VARIABLE = "PISTREAM_OPTS"
 
 
