@@ -394,15 +394,6 @@ def test_the_installed_daemon_run_as_its_unit_runs_it_serves_the_page_and_the_st
     assert command[command.index("--") + 1:] == [
         "/usr/bin/twistd3", "--nodaemon", "--pidfile=", "pistream", *CHANGED_OPTS.split()]
     with daemon:
-        user = pwd.getpwnam(USER)
-        video = grp.getgrnam("video").gr_gid
-        for pid in [daemon.process.pid] + ffmpeg_children(daemon):
-            status = proc_status(pid)
-            assert status["Uid"].split() == [str(user.pw_uid)] * 4
-            assert status["Gid"].split() == [str(user.pw_gid)] * 4
-            assert str(video) in status["Groups"].split()
-            assert status["NoNewPrivs"] == "1" and int(status["CapBnd"], 16) == 0
-        assert ffmpeg_children(daemon), "no ffmpeg child"
         # Debian's Python, Twisted and Autobahn (22.4 and 22.7 on Debian 12),
         # and the installed copy of the package.
         twisted, autobahn = (debian_upstream_version(name)
@@ -431,6 +422,18 @@ def test_the_installed_daemon_run_as_its_unit_runs_it_serves_the_page_and_the_st
             frames = decoded_frames(video_bytes, tmp_path)
             assert len(frames) >= 24, f"{len(frames)} pictures in 2.5 s from {url}"
             assert {(f["width"], f["height"]) for f in frames} == {(640, 480)}
+
+        # The daemon and its ffmpeg (which has been encoding by now) run as the
+        # service's user, with the video group, no new privileges, no capabilities.
+        user = pwd.getpwnam(USER)
+        video = grp.getgrnam("video").gr_gid
+        assert ffmpeg_children(daemon), "no ffmpeg child"
+        for pid in [daemon.process.pid] + ffmpeg_children(daemon):
+            status = proc_status(pid)
+            assert status["Uid"].split() == [str(user.pw_uid)] * 4
+            assert status["Gid"].split() == [str(user.pw_gid)] * 4
+            assert str(video) in status["Groups"].split()
+            assert status["NoNewPrivs"] == "1" and int(status["CapBnd"], 16) == 0
 
         code, seconds = daemon.stop(signal.SIGTERM, timeout=10)  # what systemctl stop sends
     assert code in (0, -signal.SIGTERM), daemon.output()[-3000:]
