@@ -50,7 +50,9 @@ class Daemon:
         return f"http://127.0.0.1:{self.http_port}/"
 
     def command(self):
-        return twistd_command() + ["-n", "--pidfile=", "pistream"] + self.args
+        """The command line, and the keyword arguments of Popen that go with it."""
+        return twistd_command() + ["-n", "--pidfile=", "pistream"] + self.args, \
+            {"cwd": ROOT, "env": self.environment()}
 
     def environment(self):
         env = dict(os.environ)
@@ -63,15 +65,16 @@ class Daemon:
 
     def run_to_exit(self, timeout=30):
         """Run a daemon expected to refuse to start; its CompletedProcess (text)."""
-        return subprocess.run(self.command(), cwd=ROOT, env=self.environment(),
-                              stdin=subprocess.DEVNULL, capture_output=True,
-                              timeout=timeout, text=True)
+        command, how = self.command()
+        return subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                              timeout=timeout, text=True, **how)
 
     def start(self):
+        command, how = self.command()
         self.process = subprocess.Popen(
-            self.command(), cwd=ROOT, env=self.environment(), stdin=subprocess.DEVNULL,
+            command, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, **how,
         )
         threading.Thread(target=self._read, daemon=True).start()
         http = self.wait_for(r"HTTP server on port (\d+)", self.start_timeout)
