@@ -16,21 +16,30 @@ TS_PACKET = 188
 UNOFFICIAL_RATES = {Fraction(5), Fraction(10), Fraction(12), Fraction(15)}
 
 
-def ffmpeg_command(ffmpeg, geometry, framerate, bitrate):
-    """The ffmpeg argument list (argv[0] included) for the stream."""
+def raw_input(geometry, framerate):
+    """ffmpeg's input for padded raw YUV420 frames on stdin, and the filter that
+    crops the padding away: (input arguments, filters)."""
     framerate = Fraction(framerate)
     rate = f"{framerate.numerator}/{framerate.denominator}"
-    # One intra picture a second: a new viewer's first picture is never far.
-    gop = max(1, round(framerate))
-    command = [
-        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error",
+    return [
         # input: raw padded frames on stdin, read as they come
         "-f", "rawvideo", "-pix_fmt", "yuv420p",
         "-video_size", f"{geometry.padded_width}x{geometry.padded_height}",
         "-framerate", rate, "-fflags", "nobuffer", "-probesize", "32",
         "-i", "pipe:0",
+    ], [
         # crop away the camera's padding
-        "-vf", geometry.crop_filter,
+        geometry.crop_filter,
+    ]
+
+
+def output_args(framerate, bitrate):
+    """Everything after the filters: the encoder and the muxer (the one place
+    for the output flags, whatever the input)."""
+    framerate = Fraction(framerate)
+    # One intra picture a second: a new viewer's first picture is never far.
+    gop = max(1, round(framerate))
+    command = [
         # MPEG-1 video without B-frames (they would add a frame of delay)
         "-c:v", "mpeg1video", "-b:v", str(bitrate), "-bf", "0", "-g", str(gop),
     ]
@@ -42,6 +51,25 @@ def ffmpeg_command(ffmpeg, geometry, framerate, bitrate):
         "pipe:1",
     ]
     return command
+
+
+def ffmpeg_command(ffmpeg, geometry, framerate, bitrate, video_input=None, filters=()):
+    """The ffmpeg argument list (argv[0] included) for the stream.
+
+    @param video_input: (input arguments, filters) for a source that ffmpeg
+        reads itself (a device, a file); by default raw frames on stdin
+        (L{raw_input}).
+    @param filters: more video filters, applied last (e.g. an annotation).
+    """
+    if video_input is None:
+        video_input = raw_input(geometry, framerate)
+    input_args, input_filters = video_input
+    return [
+        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error",
+        *input_args,
+        "-vf", ",".join([*input_filters, *filters]),
+        *output_args(framerate, bitrate),
+    ]
 
 
 class TSPacketizer:
@@ -125,15 +153,21 @@ class Encoder(service.Service):
     max_restart_delay = 8.0
     #: A run at least this long counts as healthy and resets the backoff.
     healthy_run = 10.0
-    #: On stop: stdin is closed at once, then SIGTERM, then SIGKILL.
+    #: On stop: stdin is closed at once, then SIGTERM, then SIGKILL.  An
+    #: ffmpeg that reads a device or a file itself gets SIGTERM at once.
     term_after = 0.8
     kill_after = 1.4
 
-    def __init__(self, command, sink, reactor, env=None):
+    def __init__(self, command, sink, reactor, env=None, reads_stdin=True):
+        """
+        @param reads_stdin: whether ffmpeg encodes the frames given to L{feed}
+            (False when it reads a device or a file itself).
+        """
         self.command = list(command)
         self.sink = sink
         self.reactor = reactor
         self.env = dict(os.environ) if env is None else env
+        self.reads_stdin = reads_stdin
         self.process = None
         self.restarts = 0
         self.frames_in = 0
@@ -217,8 +251,9 @@ class Encoder(service.Service):
             proto.transport.closeStdin()
         except Exception:
             pass
+        term_after = self.term_after if self.reads_stdin else 0
         self._stop_timers = [
-            self.reactor.callLater(self.term_after, self._signal, proto, signal.SIGTERM),
+            self.reactor.callLater(term_after, self._signal, proto, signal.SIGTERM),
             self.reactor.callLater(self.kill_after, self._signal, proto, signal.SIGKILL),
         ]
         return self._stopped
