@@ -26,7 +26,7 @@ def twistd_command():
 class Daemon:
     """One running ``twistd -n pistream``; use as a context manager."""
 
-    def __init__(self, *args, camera="test", start_timeout=30):
+    def __init__(self, *args, camera="test", start_timeout=30, env=None):
         self.args = [
             "--camera", camera,
             "--http", "tcp:0:interface=127.0.0.1",
@@ -34,6 +34,7 @@ class Daemon:
             *args,
         ]
         self.start_timeout = start_timeout
+        self.extra_env = dict(env or {})
         self.lines = []
         self._changed = threading.Condition()
         self.process = None
@@ -46,6 +47,7 @@ class Daemon:
 
     def start(self):
         env = dict(os.environ)
+        env.update(self.extra_env)
         env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
         env["PYTHONUNBUFFERED"] = "1"
         self.process = subprocess.Popen(
