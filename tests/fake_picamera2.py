@@ -14,7 +14,7 @@ the daemon could trip over it:
   keys are a ValueError); ``configure`` refuses a transform that is not a
   ``libcamera.Transform`` and, like libcamera, fills in the main stream's
   ``stride`` (the width aligned, to 64 bytes by default) and ``framesize``,
-  and may adjust the size (``Rig.adjust_size``).
+  and may adjust the size or the format (``Rig.adjust_size``, ``Rig.format``).
 - Frames come from a camera thread at the rate ``FrameDurationLimits`` asks,
   only while a buffer is free: a request the caller does not release holds
   its buffer, and when all are held the camera stalls, as the real one does.
@@ -124,6 +124,9 @@ class Rig:
                          for i in range(cameras)]
         self.stride_align = stride_align
         self.adjust_size = adjust_size or (lambda size: size)
+        #: Set to a format name: what libcamera gives whatever is asked (a
+        #: webcam through libcamera's UVC support gives YUYV or MJPEG).
+        self.format = None
         #: Set to a number of frames: after that many, the camera delivers no more.
         self.stall_after = None
         #: Set to a number of frames: after that many, capturing raises.
@@ -290,11 +293,12 @@ class Picamera2:
         if size[0] % 2 or size[1] % 2:
             raise RuntimeError("width and height should be even")
         width, height = self.rig.adjust_size(size)
+        stream["format"] = self.rig.format or stream["format"]
         if stream["format"] in ("YUV420", "YVU420"):
             stride = -(-width // self.rig.stride_align) * self.rig.stride_align
             framesize = stride * height * 3 // 2
         else:
-            bpp = 4 if stream["format"].startswith("X") else 3
+            bpp = {"XBGR8888": 4, "XRGB8888": 4, "BGR888": 3, "RGB888": 3}.get(stream["format"], 2)
             stride = -(-width * bpp // self.rig.stride_align) * self.rig.stride_align
             framesize = stride * height
         stream.update(size=(width, height), stride=stride, framesize=framesize)

@@ -242,6 +242,14 @@ def test_a_failing_capture_raises_and_closes_the_camera():
     assert rig.open == set() and rig.closed == 1
 
 
+def test_a_camera_that_cannot_give_yuv420_is_an_error_not_a_garbled_picture():
+    rig = Rig()
+    rig.format = "YUYV"
+    with pytest.raises(RuntimeError, match="picamera2 gives YUYV, not YUV420"):
+        run_source(rig, 1, 320, 240)
+    assert rig.open == set()
+
+
 def test_a_camera_in_use_elsewhere_raises():
     rig = Rig()
     other = rig.picamera2.Picamera2(0)
