@@ -21,14 +21,12 @@ from pistreaming.mpegts import PictureSplitter, TSPacketizer
 
 
 
-def ffmpeg_command(ffmpeg, geometry, framerate, bitrate):
-    """The ffmpeg argument list (argv[0] included) for the stream."""
+def raw_input(geometry, framerate):
+    """ffmpeg's input for padded raw YUV420 frames on stdin, and the filter that
+    crops the padding away: (input arguments, filters)."""
     framerate = Fraction(framerate)
     rate = f"{framerate.numerator}/{framerate.denominator}"
-    # One intra picture a second: a new viewer's first picture is never far.
-    gop = max(1, round(framerate))
-    command = [
-        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error",
+    return [
         # input: raw padded frames on stdin, read as they come.  (No
         # "-fflags nobuffer -probesize 32": with them, ffmpeg 5.1 holds one
         # more frame back.)
@@ -36,8 +34,19 @@ def ffmpeg_command(ffmpeg, geometry, framerate, bitrate):
         "-video_size", f"{geometry.padded_width}x{geometry.padded_height}",
         "-framerate", rate,
         "-i", "pipe:0",
+    ], [
         # crop away the camera's padding
-        "-vf", geometry.crop_filter,
+        geometry.crop_filter,
+    ]
+
+
+def output_args(framerate, bitrate):
+    """Everything after the filters: the encoder and the muxer (the one place
+    for the output flags, whatever the input)."""
+    framerate = Fraction(framerate)
+    # One intra picture a second: a new viewer's first picture is never far.
+    gop = max(1, round(framerate))
+    command = [
         # MPEG-1 video without B-frames, and with low_delay, without which
         # ffmpeg's MPEG-1 encoder holds each picture back until the next
         # frame arrives (a frame interval of delay).  ffmpeg allows
@@ -55,6 +64,25 @@ def ffmpeg_command(ffmpeg, geometry, framerate, bitrate):
         "pipe:1",
     ]
     return command
+
+
+def ffmpeg_command(ffmpeg, geometry, framerate, bitrate, video_input=None, filters=()):
+    """The ffmpeg argument list (argv[0] included) for the stream.
+
+    @param video_input: (input arguments, filters) for a source that ffmpeg
+        reads itself (a device, a file); by default raw frames on stdin
+        (L{raw_input}).
+    @param filters: more video filters, applied last (e.g. an annotation).
+    """
+    if video_input is None:
+        video_input = raw_input(geometry, framerate)
+    input_args, input_filters = video_input
+    return [
+        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error",
+        *input_args,
+        "-vf", ",".join([*input_filters, *filters]),
+        *output_args(framerate, bitrate),
+    ]
 
 
 @implementer(IPushProducer)
@@ -148,16 +176,20 @@ class Encoder(service.Service):
     max_restart_delay = 8.0
     #: A run at least this long counts as healthy and resets the backoff.
     healthy_run = 10.0
-    #: On stop: stdin is closed at once, then SIGTERM, then SIGKILL.
+    #: On stop: stdin is closed at once, then SIGTERM, then SIGKILL.  An
+    #: ffmpeg that reads a device or a file itself gets SIGTERM at once.
     term_after = 0.8
     kill_after = 1.4
 
-    def __init__(self, command, sink, reactor, framerate=24, env=None, timings=None):
+    def __init__(self, command, sink, reactor, framerate=24, env=None, timings=None,
+                 reads_stdin=True):
         """
         @param sink: called with each L{pistreaming.mpegts.Chunk} of output.
         @param framerate: the input's frame rate (to match pictures to frames).
         @param timings: called with (captured at, written at, out at) for each
             picture whose frame is known.
+        @param reads_stdin: whether ffmpeg encodes the frames given to L{feed}
+            (False when it reads a device or a file itself).
         """
         self.command = list(command)
         self.sink = sink
@@ -165,6 +197,7 @@ class Encoder(service.Service):
         self.framerate = Fraction(framerate)
         self.timings = timings
         self.env = dict(os.environ) if env is None else env
+        self.reads_stdin = reads_stdin
         self.process = None
         self.restarts = 0
         self.frames_in = 0
@@ -258,8 +291,9 @@ class Encoder(service.Service):
             proto.transport.closeStdin()
         except Exception:
             pass
+        term_after = self.term_after if self.reads_stdin else 0
         self._stop_timers = [
-            self.reactor.callLater(self.term_after, self._signal, proto, signal.SIGTERM),
+            self.reactor.callLater(term_after, self._signal, proto, signal.SIGTERM),
             self.reactor.callLater(self.kill_after, self._signal, proto, signal.SIGKILL),
         ]
         return self._stopped

@@ -28,7 +28,10 @@ MPEG1_FRAME_RATES = {
     "60": Fraction(60),
 }
 
-CAMERAS = ("auto", "picamera", "test")
+#: Cameras by name; a USB webcam is "v4l2:/dev/videoN", a video file "file:PATH".
+CAMERAS = ("auto", "picamera2", "picamera", "test")
+CAMERA_FORMS = CAMERAS + ("v4l2:DEVICE", "file:PATH")
+ROTATIONS = ("0", "180")
 
 MIN_SIDE, MAX_SIDE = 32, 4095  # MPEG-1 allows at most 4095 pixels a side
 MIN_BITRATE, MAX_BITRATE = 32_000, 50_000_000
@@ -50,6 +53,9 @@ class Config:
     hflip: bool = False
     camera: str = "auto"
     ffmpeg: str = "ffmpeg"
+    #: Text drawn on the picture (strftime codes expanded), and its font.
+    annotate: "str | None" = None
+    font: "str | None" = None
     color: str = "#444"
     bgcolor: str = "#333"
 
@@ -137,6 +143,56 @@ def parse_ws_port(text):
     return parse_endpoint("ws-port", text)
 
 
+def parse_camera(text):
+    """'auto', 'picamera2', 'picamera', 'test', 'v4l2:DEVICE' or 'file:PATH'
+    (made absolute); whether the camera is there is found out at start-up."""
+    kind, colon, rest = text.strip().partition(":")
+    kind = kind.lower()
+    if kind in CAMERAS and not colon:
+        return kind
+    if kind == "v4l2":
+        return "v4l2:" + (rest.strip() or "/dev/video0")
+    if kind == "file":
+        if not rest:
+            raise usage.UsageError("--camera file: needs a path (for example file:demo.mp4)")
+        return "file:" + os.path.abspath(rest)
+    raise usage.UsageError(
+        f"--camera: {text!r} is not one of {', '.join(CAMERA_FORMS)}"
+    )
+
+
+def parse_flips(rotation, vflip, hflip):
+    """(vflip, hflip) from --rotation and the flip flags."""
+    rotation = rotation.strip()
+    if rotation not in ROTATIONS:
+        raise usage.UsageError(
+            f"--rotation: {rotation!r} is not 0 or 180 (turning by 90 degrees is not supported)"
+        )
+    if rotation == "180":
+        if vflip or hflip:
+            raise usage.UsageError(
+                "--rotation 180 already flips both ways; give it without --vflip or --hflip"
+            )
+        return True, True
+    return vflip, hflip
+
+
+def parse_annotation(text, ffmpeg):
+    """(text, font file) for --annotate, checking that ffmpeg can draw it."""
+    from pistreaming.annotate import AnnotationUnavailable, check_drawtext, find_font
+
+    if text is None:
+        return None, None
+    if not text.strip():
+        raise usage.UsageError("--annotate: the text is empty")
+    try:
+        font = find_font()
+        check_drawtext(ffmpeg)
+    except AnnotationUnavailable as e:
+        raise usage.UsageError(f"--annotate: {e}") from None
+    return text, font
+
+
 def parse_colour(option, text):
     if not _COLOUR.match(text):
         raise usage.UsageError(
@@ -184,23 +240,28 @@ class Options(usage.Options):
          "Frames per second: " + ", ".join(MPEG1_FRAME_RATES) + "."],
         ["bitrate", "b", "800k", "Video bit rate, e.g. 800k or 2M."],
         ["camera", "c", Config.camera,
-         "Frame source: auto (picamera if a camera answers, else test), picamera, test."],
+         "Frame source: auto (picamera2, else picamera, else test), picamera2, "
+         "picamera, test, v4l2:/dev/videoN (a USB webcam), file:PATH (a video file, looped)."],
+        ["rotation", None, "0", "Turn the picture: 0 or 180 (the same as --vflip --hflip)."],
+        ["annotate", None, None,
+         "Text drawn at the top of the picture; strftime codes such as %H:%M:%S "
+         "show the time."],
         ["ffmpeg", None, Config.ffmpeg, "The ffmpeg executable."],
         ["color", None, Config.color, "Page text and frame colour."],
         ["bgcolor", None, Config.bgcolor, "Page background colour."],
     ]
 
     compData = usage.Completions(
-        optActions={"camera": usage.CompleteList(CAMERAS)}
+        optActions={"camera": usage.CompleteList(CAMERAS),
+                    "rotation": usage.CompleteList(ROTATIONS)}
     )
 
     def postOptions(self):
         width, height = parse_resolution(self["resolution"])
-        camera = self["camera"].strip().lower()
-        if camera not in CAMERAS:
-            raise usage.UsageError(
-                f"--camera: {self['camera']!r} is not one of {', '.join(CAMERAS)}"
-            )
+        camera = parse_camera(self["camera"])
+        vflip, hflip = parse_flips(self["rotation"], bool(self["vflip"]), bool(self["hflip"]))
+        ffmpeg = find_ffmpeg(self["ffmpeg"])
+        annotate, font = parse_annotation(self["annotate"], ffmpeg)
         self.config = Config(
             http=parse_endpoint("http", self["http"]),
             ws=parse_ws_port(self["ws-port"]),
@@ -208,10 +269,12 @@ class Options(usage.Options):
             height=height,
             framerate=parse_framerate(self["framerate"]),
             bitrate=parse_bitrate(self["bitrate"]),
-            vflip=bool(self["vflip"]),
-            hflip=bool(self["hflip"]),
+            vflip=vflip,
+            hflip=hflip,
             camera=camera,
-            ffmpeg=find_ffmpeg(self["ffmpeg"]),
+            ffmpeg=ffmpeg,
+            annotate=annotate,
+            font=font,
             color=parse_colour("color", self["color"]),
             bgcolor=parse_colour("bgcolor", self["bgcolor"]),
         )

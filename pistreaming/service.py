@@ -1,12 +1,15 @@
 """makeService: the daemon's stages wired into one MultiService.
 
     camera (thread) -> encoder (ffmpeg) -> broadcaster (WebSocket) -> viewers
+
+A V4L2 device or a video file has no camera thread: ffmpeg reads it itself.
 """
 
 from twisted.application import service, strports
 from twisted.internet import error
 from twisted.logger import Logger
 
+from pistreaming.annotate import drawtext_filter
 from pistreaming.broadcast import BroadcastService, StreamFactory
 from pistreaming.camera import choose_source
 from pistreaming.camera.service import CameraService
@@ -26,6 +29,7 @@ class Pistream(service.MultiService):
         self.config = config
         self.reactor = reactor
         geometry = config.geometry
+        self.source = source
         second_of_video = config.bitrate // 8
         self.factory = StreamFactory(
             stream_header(config.width, config.height), reactor,
@@ -33,12 +37,20 @@ class Pistream(service.MultiService):
             send_buffer=max(64 * 1024, second_of_video // 2))
         self.factory.backlog_limit = max(64 * 1024, second_of_video)
         self.stats = Stats(self, reactor)
+        # A source ffmpeg reads itself says how; the others hand raw frames over.
+        video_input = source.ffmpeg_input() if hasattr(source, "ffmpeg_input") else None
+        filters = []
+        if config.annotate:
+            filters.append(drawtext_filter(config.annotate, config.font, config.height))
         self.encoder = Encoder(
-            ffmpeg_command(config.ffmpeg, geometry, config.framerate, config.bitrate),
+            ffmpeg_command(config.ffmpeg, geometry, config.framerate, config.bitrate,
+                           video_input, filters),
             self.factory.broadcast, reactor, framerate=config.framerate,
-            timings=self.stats.picture_timing,
+            timings=self.stats.picture_timing, reads_stdin=video_input is None,
         )
-        self.camera = CameraService(source, geometry.frame_size, self.encoder.feed, reactor)
+        self.camera = None
+        if video_input is None:
+            self.camera = CameraService(source, geometry.frame_size, self.encoder.feed, reactor)
         self.camera_reason = why
         self.site = make_site(config, self.factory, stats=self.stats, player=player)
 
@@ -52,7 +64,8 @@ class Pistream(service.MultiService):
         BroadcastService(self.factory, reactor).setServiceParent(self)
         self.stats.setServiceParent(self)
         self.encoder.setServiceParent(self)
-        self.camera.setServiceParent(self)
+        if self.camera is not None:
+            self.camera.setServiceParent(self)
 
     def privilegedStartService(self):
         # Ports are bound here (before twistd drops privileges); a port that
@@ -75,7 +88,9 @@ class Pistream(service.MultiService):
 
     def startService(self):
         log.info("camera: {camera} chosen ({why})",
-                 camera=self.camera.source.name, why=self.camera_reason)
+                 camera=self.source.name, why=self.camera_reason)
+        if self.camera is None:
+            log.info("camera: {camera}, read by ffmpeg", camera=self.source.describe())
         super().startService()
         for svc, what in ((self.ws, "websockets server"), (self.http, "HTTP server")):
             if svc is None:

@@ -105,6 +105,25 @@ class Stats(service.Service):
         self.bitrate.sample(now)
         self.framerate.sample(now)
 
+    def _camera(self):
+        d = self.daemon
+        camera = d.camera
+        if camera is None:  # a device or a file, read by ffmpeg itself
+            return {
+                "source": d.source.name,
+                "state": "ok" if d.encoder.process is not None else "unavailable",
+                "frames_captured": d.encoder.pictures_out,
+                "frames_dropped": 0,
+                "failures": d.encoder.restarts,
+            }
+        return {
+            "source": camera.source.name,
+            "state": camera.state,
+            "frames_captured": camera.frames_captured,
+            "frames_dropped": camera.frames_dropped,
+            "failures": camera.failures,
+        }
+
     def gather(self):
         d = self.daemon
         now = self.reactor.seconds()
@@ -121,13 +140,7 @@ class Stats(service.Service):
                 "bitrate": round(self.bitrate.value()),
                 "fps": round(self.framerate.value(), 2),
             },
-            "camera": {
-                "source": camera.source.name,
-                "state": camera.state,
-                "frames_captured": camera.frames_captured,
-                "frames_dropped": camera.frames_dropped,
-                "failures": camera.failures,
-            },
+            "camera": self._camera(),
             "encoder": {
                 "pid": process.transport.pid if process is not None else None,
                 "restarts": encoder.restarts,
@@ -137,7 +150,8 @@ class Stats(service.Service):
                 "bytes_out": encoder.bytes_out,
                 "pictures_out": encoder.pictures_out,
             },
-            "frames_dropped_before_encoder": camera.frames_dropped + encoder.frames_dropped,
+            "frames_dropped_before_encoder": (camera.frames_dropped if camera else 0)
+            + encoder.frames_dropped,
             "latency_ms": {
                 "camera_to_encoder": self.camera_to_encoder.summary(now, 1000),
                 "encoder": self.in_encoder.summary(now, 1000),

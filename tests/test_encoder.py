@@ -33,6 +33,21 @@ class CommandTests(unittest.TestCase):
         # -strict unofficial): no picture waits for the next frame
         assert "-bf 0" in joined and "-flags low_delay -strict unofficial" in joined
 
+    def test_the_raw_path_command_in_full(self):
+        # Sources that ffmpeg reads itself change the input half only; the
+        # raw path's command stays exactly this.
+        assert ffmpeg_command("/usr/bin/ffmpeg", FrameGeometry(1296, 730), 15, 1_000_000) == [
+            "/usr/bin/ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error",
+            "-f", "rawvideo", "-pix_fmt", "yuv420p", "-video_size", "1312x736",
+            "-framerate", "15/1", "-i", "pipe:0",
+            "-vf", "crop=1296:730:0:0",
+            "-c:v", "mpeg1video", "-b:v", "1000000", "-bf", "0", "-g", "15",
+            "-flags", "low_delay", "-strict", "unofficial",
+            "-f", "mpegts", "-muxdelay", "0", "-muxpreload", "0", "-flush_packets", "1",
+            "-omit_video_pes_length", "0",
+            "pipe:1",
+        ]
+
     def test_low_rates_need_ffmpegs_unofficial_mpeg1_rates(self):
         command = ffmpeg_command("ffmpeg", FrameGeometry(640, 480), 15, 800_000)
         assert command[command.index("-strict") + 1] == "unofficial"
@@ -172,6 +187,32 @@ class EncoderTests(unittest.TestCase):
         yield with_timeout(self.encoder.stopService(), 4, "encoder stop")
         assert reactor.seconds() - started < 2
         assert not process_exists(pid)
+
+
+class SelfReadingEncoderTests(unittest.TestCase):
+    """An ffmpeg that reads its input itself (a device, a file) streams with no
+    frames fed, and stops at once: SIGTERM without waiting for end-of-input."""
+
+    timeout = 30
+
+    @defer.inlineCallbacks
+    def test_output_without_feeding_and_a_prompt_stop(self):
+        geometry = FrameGeometry(320, 240)
+        chunks = []
+        source = (["-re", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25"], ["null"])
+        encoder = Encoder(ffmpeg_command(FFMPEG, geometry, 25, 400_000, source),
+                          lambda chunk: chunks.append(chunk.data), reactor,
+                          framerate=25, reads_stdin=False)
+        encoder.startService()
+        self.addCleanup(lambda: encoder.running and encoder.stopService())
+        yield wait_until(lambda: b"\x00\x00\x01\xb3" in b"".join(chunks), 10,
+                         what="encoded output")
+        pid = encoder.process.transport.pid
+        started = reactor.seconds()
+        yield with_timeout(encoder.stopService(), 3, "encoder stop")
+        assert reactor.seconds() - started < encoder.term_after
+        assert not process_exists(pid)
+        assert encoder.frames_in == 0 and encoder.restarts == 0
 
 
 class FailingEncoderTests(unittest.TestCase):

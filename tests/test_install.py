@@ -36,5 +36,6 @@ def test_twistd_finds_the_installed_plugin_from_any_directory(tmp_path):
     assert result.returncode == 0, result.stderr.decode()
     out = result.stdout.decode()
     for option in ("--http=", "--ws-port=", "--resolution=", "--framerate=", "--bitrate=",
-                   "--vflip", "--hflip", "--camera=", "--ffmpeg=", "--color=", "--bgcolor="):
+                   "--vflip", "--hflip", "--camera=", "--rotation=", "--annotate=",
+                   "--ffmpeg=", "--color=", "--bgcolor="):
         assert option in out

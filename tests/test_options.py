@@ -36,6 +36,7 @@ def test_defaults_match_the_original_demo():
     assert config.camera == "auto"
     assert os.path.isabs(config.ffmpeg) and os.path.basename(config.ffmpeg) == "ffmpeg"
     assert (config.color, config.bgcolor) == ("#444", "#333")
+    assert (config.annotate, config.font) == (None, None)
 
 
 def test_every_option_is_taken():
@@ -69,7 +70,11 @@ def test_ws_port_forms(value, endpoint):
     (("--framerate", "fast"), "--framerate: 'fast' is not a rate"),
     (("--bitrate", "lots"), "--bitrate: 'lots' is not a bit rate"),
     (("--bitrate", "1k"), "--bitrate: 1k is outside 32k..50M"),
-    (("--camera", "webcam"), "--camera: 'webcam' is not one of auto, picamera, test"),
+    (("--camera", "webcam"), "--camera: 'webcam' is not one of auto, picamera2, picamera, "
+                             "test, v4l2:DEVICE, file:PATH"),
+    (("--camera", "file:"), "--camera file: needs a path (for example file:demo.mp4)"),
+    (("--rotation", "90"), "--rotation: '90' is not 0 or 180"),
+    (("--rotation", "180", "--hflip"), "--rotation 180 already flips both ways"),
     (("--http", "bogus:8082"), "--http: 'bogus:8082' is not a server endpoint"),
     (("--http", "tcp:notaport"), "--http: 'tcp:notaport' is not a server endpoint"),
     (("--ws-port", "70000"), "--ws-port: 70000 is outside 0..65535"),
@@ -81,6 +86,29 @@ def test_ws_port_forms(value, endpoint):
 ])
 def test_bad_values_are_refused_with_a_reason(args, message):
     assert message in error_of(*args)
+
+
+@pytest.mark.parametrize("value,camera", [
+    ("auto", "auto"), ("PiCamera2", "picamera2"), ("picamera", "picamera"), ("test", "test"),
+    ("v4l2:/dev/video2", "v4l2:/dev/video2"), ("V4L2:/dev/video2", "v4l2:/dev/video2"),
+    ("v4l2", "v4l2:/dev/video0"), ("file:/srv/Demo.mp4", "file:/srv/Demo.mp4"),
+])
+def test_camera_forms(value, camera):
+    assert parse("--camera", value).camera == camera
+
+
+def test_a_relative_file_is_taken_from_where_the_daemon_starts():
+    assert parse("--camera", "file:clips/demo.mp4").camera == \
+        "file:" + os.path.join(os.getcwd(), "clips", "demo.mp4")
+
+
+@pytest.mark.parametrize("args,flips", [
+    ((), (False, False)), (("--rotation", "0"), (False, False)),
+    (("--rotation", "180"), (True, True)), (("--rotation", "0", "--vflip"), (True, False)),
+])
+def test_rotation_by_180_is_both_flips(args, flips):
+    config = parse(*args)
+    assert (config.vflip, config.hflip) == flips
 
 
 def test_rates_mpeg1_carries_are_accepted():

@@ -79,7 +79,8 @@ _HELP_DEFAULT = re.compile(r"\[default: (.*?)\]", re.S)
 
 def options_from_help(help_text):
     """{long name: default} for every option of ``twistd pistream --help``, but
-    --help and --version; a flag's default is None."""
+    --help and --version; a flag's default is None, and that of an option
+    whose value has no default (such as --annotate) is ""."""
     options = {}
     entries = []
     for line in help_text.splitlines():
@@ -94,9 +95,7 @@ def options_from_help(help_text):
         default = None
         if takes_value:
             found = _HELP_DEFAULT.search(description)
-            if not found:
-                raise ValueError(f"--{name} has no [default: ...] in --help")
-            default = " ".join(found.group(1).split())
+            default = " ".join(found.group(1).split()) if found else ""
         options[name] = default
     return options
 
@@ -104,10 +103,10 @@ def options_from_help(help_text):
 def options_missing_from_defaults(options, defaults_text):
     """The options of C{options} (from options_from_help) that the defaults
     file does not show, with their default, in a comment line such as
-    ``#   -r, --resolution=640x480`` or ``#   --vflip``."""
+    ``#   -r, --resolution=640x480``, ``#   --annotate=`` or ``#   --vflip``."""
     shown = set()
     for line in defaults_text.splitlines():
-        match = re.match(r"^#\s+(?:-\w, )?--([\w-]+)(?:=(\S+))?\s*$", line)
+        match = re.match(r"^#\s+(?:-\w, )?--([\w-]+)(?:=(\S*))?\s*$", line)
         if match:
             shown.add((match.group(1), match.group(2)))
     return [f"--{name}" + (f"={default}" if default is not None else "")

@@ -45,7 +45,8 @@ class FrameOutput:
         data = memoryview(buf).cast("B")
         size = self.frame_size
         if not self._partial and len(data) == size:
-            self._hand_over(bytes(data), captured_at)
+            # A whole frame: bytes are handed over as they are, without a copy.
+            self._hand_over(buf if type(buf) is bytes else bytes(data), captured_at)
             return len(data)
         self._partial += data
         while len(self._partial) >= size:
