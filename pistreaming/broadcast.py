@@ -250,9 +250,8 @@ class StreamFactory(WebSocketServerFactory):
         protocol.sendMessage(self.header, isBinary=True)
         for chunk, message in self.start_cache.chunks:
             viewer.offer(chunk, message)
-        if viewer.status:
-            for key, value in self.status.items():
-                protocol.sendMessage(json.dumps({key: value}).encode(), isBinary=False)
+        if viewer.status and self.status:
+            protocol.sendMessage(json.dumps(self.status).encode(), isBinary=False)
         log.info("viewer {peer} connected; {viewers} watching",
                  peer=protocol.peer, viewers=len(self.viewers))
         self._tell_viewers({"viewers": len(self.viewers)})

@@ -50,7 +50,8 @@ class Pistream(service.MultiService):
         )
         self.camera = None
         if video_input is None:
-            self.camera = CameraService(source, geometry.frame_size, self.encoder.feed, reactor)
+            self.camera = CameraService(source, geometry.frame_size, self.encoder.feed, reactor,
+                                        on_state=self._camera_state)
         self.camera_reason = why
         self.site = make_site(config, self.factory, stats=self.stats, player=player)
 
@@ -66,6 +67,11 @@ class Pistream(service.MultiService):
         self.encoder.setServiceParent(self)
         if self.camera is not None:
             self.camera.setServiceParent(self)
+
+    def _camera_state(self, state, why):
+        # Viewers (the page) are told, so a stalled camera does not look like
+        # a frozen picture.
+        self.factory.set_status(camera=state, why=why)
 
     def privilegedStartService(self):
         # Ports are bound here (before twistd drops privileges); a port that

@@ -1,9 +1,10 @@
 """The WebSocket broadcaster, over real loopback sockets with Autobahn clients."""
 
+import json
+
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import defer, endpoints, reactor, task
 from twisted.trial import unittest
-from twisted.web import server
 
 from pistreaming.broadcast import BroadcastService, StreamFactory
 from pistreaming.frames import stream_header
@@ -33,7 +34,9 @@ def packets(n, fill, picture=False, keyframe=False):
     return Chunk(data, picture=picture or keyframe, keyframe=keyframe)
 
 
-class BroadcastTests(unittest.TestCase):
+class ServerCase(unittest.TestCase):
+    """A StreamFactory on a real port, and Autobahn clients to watch it."""
+
     timeout = 30
 
     @defer.inlineCallbacks
@@ -66,6 +69,8 @@ class BroadcastTests(unittest.TestCase):
         yield wait_until(lambda: all(v.messages for v in viewers), 5, what="headers")
         return viewers
 
+
+class BroadcastTests(ServerCase):
     @defer.inlineCallbacks
     def test_a_new_viewer_first_gets_the_8_byte_header(self):
         (viewer,) = yield self.connect(1)
@@ -146,3 +151,124 @@ class BroadcastTests(unittest.TestCase):
         assert reactor.seconds() - started < 1
         yield wait_until(lambda: all(v.closed for v in viewers), 3, what="closes")
         assert [v.closed[0] for v in viewers] == [1001] * 3
+
+
+def numbered(i, picture=True, keyframe=False, packets_per_chunk=4):
+    """Chunk C{i}, its number in the bytes after the sync byte."""
+    body = b"\x47" + i.to_bytes(2, "big") + bytes(185)
+    return Chunk(body * packets_per_chunk, picture=picture or keyframe, keyframe=keyframe)
+
+
+def number_of(payload):
+    return int.from_bytes(payload[1:3], "big")
+
+
+class StartCacheTests(ServerCase):
+    @defer.inlineCallbacks
+    def test_a_newcomer_gets_the_latest_starting_point_and_what_followed(self):
+        before_any = numbered(0)
+        self.factory.broadcast(before_any)  # nothing a decoder could start at yet
+        k1, p1, p2 = numbered(1, keyframe=True), numbered(2), numbered(3, picture=False)
+        for chunk in (k1, p1, p2):
+            self.factory.broadcast(chunk)
+        (first,) = yield self.connect(1)
+        yield wait_until(lambda: len(first.messages) == 4, 5, what="the cached start")
+        assert [m for m, _ in first.messages] == [HEADER, k1.data, p1.data, p2.data]
+        k2 = numbered(4, keyframe=True)
+        self.factory.broadcast(k2)
+        (second,) = yield self.connect(1)
+        yield wait_until(lambda: len(second.messages) == 2, 5, what="the new start")
+        assert [m for m, _ in second.messages] == [HEADER, k2.data]
+        # and the first viewer got everything since it came, once
+        yield wait_until(lambda: len(first.messages) == 5, 5, what="k2 at the first viewer")
+        assert [number_of(m) for m, _ in first.messages[1:]] == [1, 2, 3, 4]
+
+
+class StatusTests(ServerCase):
+    @defer.inlineCallbacks
+    def test_viewers_that_ask_get_status_messages_and_others_only_video(self):
+        plain, = yield self.connect(1)
+        self.clients.setSessionParameters(
+            url=f"ws://127.0.0.1:{self.port.getHost().port}/", protocols=["pistream"])
+        page, = yield self.connect(1)
+        assert page.websocket_protocol_in_use == "pistream"
+        self.factory.set_status(camera="unavailable", why="no frame for 4.1s")
+        self.factory.broadcast(numbered(1, keyframe=True))
+        yield wait_until(lambda: any(m == numbered(1).data for m, _ in page.messages), 5,
+                         what="video at the page")
+        texts = [json.loads(m) for m, binary in page.messages if not binary]
+        assert {"viewers": 2} in texts
+        assert {"camera": "unavailable", "why": "no frame for 4.1s"} in texts
+        assert all(binary for _, binary in plain.messages)
+        # a page that comes later is told the camera's state at once
+        late, = yield self.connect(1)
+        yield wait_until(lambda: any(not b for _, b in late.messages), 5, what="status")
+        assert {"camera": "unavailable", "why": "no frame for 4.1s"} in [
+            json.loads(m) for m, b in late.messages if not b]
+
+
+class SlowViewerTests(ServerCase):
+    timeout = 60
+
+    @defer.inlineCallbacks
+    def setUp(self):
+        yield super().setUp()
+        self.factory.send_buffer = 16 * 1024
+        self.factory.backlog_limit = 40 * 1024
+
+    @defer.inlineCallbacks
+    def stream(self, count, start=0, per_tick=10):
+        """Broadcast pictures of two chunks each (a picture start, then the
+        rest), a starting point every 10 pictures; a few per reactor turn."""
+        for i in range(start, start + count):
+            picture = i // 2
+            self.factory.broadcast(numbered(
+                i, picture=i % 2 == 0, keyframe=i % 2 == 0 and picture % 10 == 0))
+            if i % per_tick == 0:
+                yield task.deferLater(reactor, 0.001, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_a_slow_viewer_skips_to_decodable_points_and_slows_nobody(self):
+        healthy, slow = yield self.connect(2)
+        slow.transport.pauseProducing()  # it stops reading from its socket
+        yield self.stream(3000)
+        server_side = [p.viewer for p in self.factory.viewers]
+        assert max(v.skips for v in server_side) >= 1
+        assert all(v.queued <= self.factory.backlog_limit for v in server_side)
+        # The healthy viewer got everything, in order.
+        yield wait_until(lambda: len(healthy.messages) == 3001, 10, what="all at healthy")
+        assert [number_of(m) for m, _ in healthy.messages[1:]] == list(range(3000))
+        # The slow one reads again: what it gets is decodable.
+        slow.transport.resumeProducing()
+        yield self.stream(40, start=3000)
+        yield wait_until(lambda: slow.messages and number_of(slow.messages[-1][0]) == 3039,
+                         10, what="the slow viewer at live")
+        got = [number_of(m) for m, _ in slow.messages[1:]]
+        assert got == sorted(got) and len(got) < 3040
+        for before, after in zip(got, got[1:]):
+            if after != before + 1:
+                # a gap ends at a starting point ...
+                assert after % 2 == 0 and (after // 2) % 10 == 0, (before, after)
+                # ... and begins after a whole picture
+                assert before % 2 == 1, (before, after)
+        assert all(n - 1 in got for n in got if n % 2 == 1 and n > got[0])
+
+    @defer.inlineCallbacks
+    def test_a_viewer_that_takes_nothing_is_closed(self):
+        from twisted.logger import globalLogPublisher
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.factory.stuck_timeout = 0.5
+        service = BroadcastService(self.factory, reactor)
+        service.check_interval = 0.1
+        service.startService()
+        self.addCleanup(service.stopService)
+        healthy, stuck = yield self.connect(2)
+        stuck.transport.pauseProducing()
+        yield self.stream(3000)
+        assert [p.viewer.paused for p in self.factory.viewers].count(True) == 1
+        yield wait_until(lambda: len(self.factory.viewers) == 1, 10, what="the stuck viewer closed")
+        assert any("took nothing" in e.get("log_format", "") for e in events)
+        yield wait_until(lambda: len(healthy.messages) == 3001, 10, what="all at healthy")
+        assert healthy.closed is None

@@ -1,21 +1,49 @@
-"""The camera service: runs a frame source's capture loop on a thread."""
+"""The camera service: runs a frame source's capture loop on a thread.
+
+Each start of the capture loop is a *run*, with its own stop flag and its own
+frame hand-off (pistreaming.camera.output).  A run that fails, ends, or
+delivers no frame for ``stall_timeout`` seconds is given up and a new one is
+started after a pause that grows while the camera keeps failing (1 s up to
+30 s).  A given-up run is told to stop but never waited for, and whatever it
+still delivers is ignored: a camera stuck in its driver cannot hold up the
+daemon, a retry, or shutdown.  The capture threads are daemon threads of the
+service's own pool (deferToThreadPool), for the same reason.
+
+The service says how the camera is doing ("starting", "ok", "unavailable")
+through C{on_state}, so that viewers can be told.
+"""
 
 import threading
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from pistreaming.camera.output import FrameOutput
 
 
-class CameraService(service.Service):
-    """Runs C{source.run} on a reactor pool thread and hands frames to C{sink}.
+def _daemon_thread(*args, **kwargs):
+    thread = threading.Thread(*args, **kwargs)
+    thread.daemon = True
+    return thread
 
-    If the source fails it is retried with backoff; a stop sets a flag the
-    loop polls, so stopping never waits on the camera for long.
-    """
+
+class _Run:
+    """One start of the source's capture loop."""
+
+    def __init__(self, number, output):
+        self.number = number
+        self.output = output
+        self.stop = threading.Event()
+        self.started_at = None
+        self.last_frame_at = None
+        self.given_up = False
+
+
+class CameraService(service.Service):
+    """Runs C{source.run} on a thread and hands frames to C{sink}."""
 
     name = "camera"
     log = Logger()
@@ -23,60 +51,136 @@ class CameraService(service.Service):
     retry_delays = (1.0, 2.0, 5.0, 10.0, 30.0)
     #: How long stopService waits for the capture thread before giving up.
     stop_timeout = 1.5
+    #: A run that delivers no frame for this long (seconds; at least 5 frame
+    #: intervals) has stalled.
+    stall_timeout = 4.0
+    watch_interval = 0.5
 
-    def __init__(self, source, frame_size, sink, reactor):
+    def __init__(self, source, frame_size, sink, reactor, on_state=None):
+        """
+        @param sink: called in the reactor thread with each frame and its
+            capture time.
+        @param on_state: called with (state, why) when the camera's state changes.
+        """
         self.source = source
+        self.frame_size = frame_size
         self.sink = sink
         self.reactor = reactor
-        self.output = FrameOutput(frame_size, self._deliver, reactor.callFromThread)
+        self.on_state = on_state
         self.failures = 0
         self.state = "starting"
-        self._stopping = threading.Event()
+        framerate = float(getattr(source, "framerate", 0) or 0)
+        if framerate > 0:
+            self.stall_timeout = max(self.stall_timeout, 5 / framerate)
+        self._runs = 0
+        self._run = None
         self._running = None
         self._retry = None
+        self._watch = None
+        self._retired_captured = 0
+        self._retired_dropped = 0
+        self._pool = None
+        self._active = set()  # runs whose threads have not returned
+
+    # figures
+    @property
+    def output(self):
+        """The current run's frame hand-off."""
+        return self._run.output if self._run is not None else None
 
     @property
     def frames_captured(self):
-        return self.output.frames_captured
+        current = self._run.output.frames_captured if self._run is not None else 0
+        return self._retired_captured + current
 
     @property
     def frames_dropped(self):
-        return self.output.frames_dropped
+        current = self._run.output.frames_dropped if self._run is not None else 0
+        return self._retired_dropped + current
 
-    def _deliver(self, frame, captured_at):
-        if not self._stopping.is_set():
-            self.state = "ok"
+    def _set_state(self, state, why=""):
+        if state != self.state:
+            self.state = state
+            if self.on_state is not None:
+                self.on_state(state, why)
+
+    # frames
+    def _deliverer(self, run):
+        def deliver(frame, captured_at):
+            if run is not self._run or run.given_up or not self.running:
+                return  # a run that was given up, still delivering
+            run.last_frame_at = self.reactor.seconds()
+            if self.state != "ok":
+                if self.state == "unavailable":
+                    self.log.info("camera {camera} delivers frames again",
+                                  camera=self.source.name)
+                self.failures = 0
+                self._set_state("ok")
             self.sink(frame, captured_at)
+        return deliver
 
+    # lifecycle
     def startService(self):
         super().startService()
-        self._stopping.clear()
+        self._pool = ThreadPool(minthreads=0, maxthreads=8, name="camera")
+        self._pool.threadFactory = _daemon_thread
+        self._pool.start()
         self.log.info("camera: {camera}", camera=self.source.describe())
-        self._start_thread()
+        self._watch = task.LoopingCall(self._check_stall)
+        self._watch.clock = self.reactor
+        self._watch.start(self.watch_interval, now=False)
+        self._start_run()
 
-    def _start_thread(self):
+    def _start_run(self):
         self._retry = None
-        self.output.flush()
-        d = deferToThreadPool(
-            self.reactor, self.reactor.getThreadPool(),
-            self.source.run, self.output, self._stopping,
-        )
-        d.addCallbacks(self._thread_returned, self._thread_failed)
+        if self._run is not None:
+            self._retired_captured += self._run.output.frames_captured
+            self._retired_dropped += self._run.output.frames_dropped
+        self._runs += 1
+        run = _Run(self._runs, None)
+        run.output = FrameOutput(self.frame_size, self._deliverer(run),
+                                 self.reactor.callFromThread)
+        run.started_at = self.reactor.seconds()
+        self._run = run
+        self._active.add(run)
+        d = deferToThreadPool(self.reactor, self._pool, self.source.run, run.output, run.stop)
+
+        def ended(result):
+            self._active.discard(run)
+            return result
+
+        d.addBoth(ended)
+        d.addCallbacks(self._run_returned, self._run_failed,
+                       callbackArgs=(run,), errbackArgs=(run,))
         self._running = d
 
-    def _thread_returned(self, _):
-        if not self._stopping.is_set():
-            self._schedule_retry("the capture loop ended by itself")
+    def _run_returned(self, _, run):
+        if run is self._run and not run.given_up and self.running:
+            self._give_up(run, "the capture loop ended by itself")
 
-    def _thread_failed(self, failure):
-        if self._stopping.is_set():
+    def _run_failed(self, failure, run):
+        if not self.running:
             self.log.failure("camera {camera} failed while stopping", failure,
                              camera=self.source.name)
-            return
-        self._schedule_retry(failure.getErrorMessage() or failure.type.__name__,
-                             failure)
+        elif run is self._run and not run.given_up:
+            self._give_up(run, failure.getErrorMessage() or failure.type.__name__, failure)
+        else:
+            self.log.info("camera {camera}: a run given up earlier ended ({why})",
+                          camera=self.source.name,
+                          why=failure.getErrorMessage() or failure.type.__name__)
 
-    def _schedule_retry(self, why, failure=None):
+    def _check_stall(self):
+        run = self._run
+        if run is None or run.given_up or self._retry is not None:
+            return
+        since = run.last_frame_at if run.last_frame_at is not None else run.started_at
+        quiet = self.reactor.seconds() - since
+        if quiet > self.stall_timeout:
+            self._give_up(run, f"no frame for {quiet:.1f}s")
+
+    def _give_up(self, run, why, failure=None):
+        run.given_up = True
+        run.stop.set()
         delay = self.retry_delays[min(self.failures, len(self.retry_delays) - 1)]
         self.failures += 1
         if failure is not None:
@@ -85,16 +189,29 @@ class CameraService(service.Service):
         else:
             self.log.error("camera {camera}: {why}; retrying in {delay}s",
                            camera=self.source.name, why=why, delay=delay)
-        self._retry = self.reactor.callLater(delay, self._start_thread)
+        self._set_state("unavailable", why)
+        self._retry = self.reactor.callLater(delay, self._start_run)
 
     def stopService(self):
         super().stopService()
-        self._stopping.set()
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
-        running, self._running = self._running, None
+        run, running, self._running = self._run, self._running, None
+        if run is not None:
+            run.stop.set()
+        pool = self._pool
+
+        def release_pool():
+            # Joining a thread stuck in a camera driver would hang: the pool
+            # is only stopped when all its runs have returned.
+            if not self._active:
+                pool.stop()
+
         if running is None or running.called:
+            release_pool()
             return defer.succeed(None)
         done = defer.Deferred()
 
@@ -102,9 +219,11 @@ class CameraService(service.Service):
             if timer.active():
                 timer.cancel()
             if not done.called:
+                release_pool()
                 done.callback(None)
 
         def too_late():
+            # The thread is a daemon thread: it will not keep the process alive.
             self.log.warn("camera {camera} did not stop within {timeout}s; not waiting",
                           camera=self.source.name, timeout=self.stop_timeout)
             done.callback(None)
