@@ -30,6 +30,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pistreaming.mpegts import Chunk
+
 #: Viewers never need to send anything; anything bigger than this is refused.
 MAX_INCOMING = 4096
 
@@ -248,8 +250,13 @@ class StreamFactory(WebSocketServerFactory):
         self.viewers[protocol] = viewer
         self.viewers_total += 1
         protocol.sendMessage(self.header, isBinary=True)
-        for chunk, message in self.start_cache.chunks:
-            viewer.offer(chunk, message)
+        if self.start_cache.chunks:
+            # What a decoder needs to start, in one message: the page
+            # decodes it in one go and is at live straight after.
+            start = Chunk(b"".join(chunk.data for chunk, _ in self.start_cache.chunks),
+                          picture=True, keyframe=True, pts=self.start_cache.chunks[0][0].pts)
+            viewer.offer(start, self.prepareMessage(start.data, isBinary=True,
+                                                    doNotCompress=True))
         if viewer.status and self.status:
             protocol.sendMessage(json.dumps(self.status).encode(), isBinary=False)
         log.info("viewer {peer} connected; {viewers} watching",

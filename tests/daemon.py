@@ -26,6 +26,9 @@ def twistd_command():
 class Daemon:
     """One running ``twistd -n pistream``; use as a context manager."""
 
+    #: Every daemon started, so that none outlives the test session (conftest.py).
+    started = []
+
     def __init__(self, *args, camera="test", start_timeout=30, env=None):
         """
         @param env: extra environment variables; a C{PYTHONPATH} given here
@@ -76,6 +79,7 @@ class Daemon:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True, **how,
         )
+        Daemon.started.append(self)
         threading.Thread(target=self._read, daemon=True).start()
         http = self.wait_for(r"HTTP server on port (\d+)", self.start_timeout)
         self.http_port = int(http.group(1))
@@ -153,8 +157,17 @@ class Daemon:
             raise AssertionError(f"daemon did not exit within {timeout}s of signal {signum}")
         return code, time.monotonic() - started
 
+    def kill(self):
+        """Kill the daemon's whole process group, if it still runs."""
+        if self.process is not None and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(5)
+
     def __enter__(self):
-        return self.start()
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc):
         if self.process is not None and self.process.poll() is None:

@@ -90,6 +90,20 @@ def test_on_a_phone_the_picture_fills_the_width_and_keeps_its_aspect(browser):
     assert columns[0] <= 1 and columns[-1] >= width - 2
 
 
+def restart_on(port, seconds=10):
+    """A daemon on C{port} again (the port may take a moment to be free)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        daemon = Daemon("--http", f"tcp:{port}:interface=127.0.0.1", "--ws-port", "off",
+                        start_timeout=5)
+        try:
+            return daemon.start()
+        except AssertionError:
+            daemon.stop()
+            if time.monotonic() > deadline:
+                raise
+
+
 def test_the_page_comes_back_by_itself_after_the_daemon_restarts(browser):
     first = Daemon("--ws-port", "off").start()
     port = first.http_port
@@ -102,20 +116,12 @@ def test_the_page_comes_back_by_itself_after_the_daemon_restarts(browser):
         page.wait_for_function("window.pistream.state !== 'playing'", timeout=5_000)
         assert page.locator("#status").inner_text() == "reconnecting\u2026"
         before = page.evaluate("window.pistream.frames")
-        deadline = time.monotonic() + 10
-        second = Daemon("--http", f"tcp:{port}:interface=127.0.0.1", "--ws-port", "off")
-        while True:  # the port may take a moment to be free again
-            try:
-                second.start()
-                break
-            except AssertionError:
-                if time.monotonic() > deadline:
-                    raise
-                second = Daemon("--http", f"tcp:{port}:interface=127.0.0.1",
-                                "--ws-port", "off")
-        with second:
+        second = restart_on(port)
+        try:
             wait_for_pictures(page, before + 5, timeout=15_000)
             assert page.evaluate("window.pistream.connects") >= 2
             assert page.locator("#status").is_hidden()
+        finally:
+            second.stop()
     finally:
         ctx.close()

@@ -8,16 +8,18 @@
  *
  * Latency is the point, so JSMpeg's Player (which decodes one picture per
  * animation frame, and so lets a backlog grow) is not used.  Its demuxer,
- * decoder and renderer are wired here, and every picture is decoded and
- * drawn the moment its last byte arrives.  The page keeps to live:
+ * decoder and renderer are wired here: every picture is decoded the moment
+ * its last byte arrives, and at each animation frame (right before the
+ * browser paints) the newest decoded picture is drawn.  Pictures that a newer
+ * one overtook before a paint are never drawn, so after a stall (a busy
+ * machine, a hidden tab) the page decodes what piled up as fast as it can
+ * and shows live at once, instead of playing the backlog out.  A tab hidden
+ * for a while lets go of the stream, and takes it up again when it shows
+ * (the server sends a newcomer what a decoder needs to start at once).
  *
- * - it tracks how late each picture arrives compared with the earliest
- *   arrivals of the last seconds; when it falls behind (the machine or the
- *   tab stalled), it decodes without drawing until it has caught up, and if
- *   it is far behind it reconnects, which starts it at live at once (the
- *   server sends a newcomer what a decoder needs to start);
- * - in a hidden tab it decodes without drawing, and after a while it lets go
- *   of the stream altogether; when the tab shows again it is at live.
+ * This script runs from the page's head: it opens the socket at once, so
+ * that the connection and the first pictures arrive while the player script
+ * loads and its decoder compiles.
  *
  * The socket's address is relative to the page (so it works behind port
  * forwarding and proxies), wss: over https:.
@@ -25,105 +27,138 @@
 (function () {
   'use strict';
 
-  var body = document.body;
-  var canvas = document.getElementById('video');
-  var status = document.getElementById('status');
-  var overlay = document.getElementById('overlay');
-
   var HEADER_MAGIC = 'jsmp';
-  var BEHIND_CATCH_UP = 150;    // ms later than the best arrivals: stop drawing
-  var BEHIND_CAUGHT_UP = 60;    // ...and draw again once this close
-  var BEHIND_RECONNECT = 2000;  // so far behind that starting afresh is faster
-  var LAG_WINDOW = 10000;       // ms of arrivals the best one is taken from
   var HIDDEN_RELEASE = 10000;   // ms hidden before the stream is let go
   var MAX_DECODES = 240;        // pictures decoded for one message, at most
 
+  var root = document.documentElement;
+  var canvas = null;
+  var status = null;
+  var overlay = null;
+
   // What tests, the overlay and curious people can read from the console.
   var state = window.pistream = {
-    state: 'connecting', frames: 0, drawn: 0, width: 0, height: 0,
-    connects: 0, url: '', bytes: 0, behind: 0, catchingUp: false,
-    reconnectsToLive: 0, viewers: null, camera: 'ok', renderer: '', decoder: '',
-    // Called after each picture is decoded: f({received, decoded, drawn}),
+    state: 'connecting', frames: 0, drawn: 0, overtaken: 0, width: 0, height: 0,
+    connects: 0, url: '', bytes: 0, viewers: null, camera: 'ok',
+    renderer: '', decoder: '',
+    // When (performance.now()) the page got this far: the first time each.
+    timing: { script: performance.now() },
+    // Called right after a picture is drawn: f({received, decoded, drawn}),
     // times from performance.now(); bench/latency reads the picture here.
     onpicture: null
   };
 
-  var useWasm = !!window.WebAssembly;
-  var wasmModule = null;
-  var renderer = null;
+  // The decoding machinery, once the player script has loaded.
+  var player = null;  // {renderer, wasmModule}
+
+  function wasmReady() { return !!(player && player.wasmModule); }
+
+  function mark(name) {
+    if (!(name in state.timing)) { state.timing[name] = performance.now(); }
+  }
+  var connections = [];  // waiting for the player to be ready
 
   function show(text) {
     state.state = text;
+    if (!status) { return; }
     if (text === 'playing') {
       status.hidden = true;
     } else {
       status.textContent = text + '\u2026';
       status.hidden = false;
     }
-    body.classList.toggle('stale', text !== 'playing' && state.frames > 0);
+    document.body.classList.toggle('stale', text !== 'playing' && state.frames > 0);
   }
 
   function streamUrl() {
-    var url = new URL(body.dataset.stream, window.location.href);
+    var url = new URL(root.dataset.stream, window.location.href);
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
     url.hash = '';
     return url.href;
   }
 
+  // -- drawing -------------------------------------------------------------
+
+  // WebGL, unless the browser only has a software rasterizer behind it
+  // (no GPU): then drawing with the 2D canvas costs less and keeps up.
+  // (A canvas that had a WebGL context cannot get a 2D one: a fresh canvas
+  // takes its place.)
+  function softwareRenderer(gl) {
+    try {
+      var info = gl.getExtension('WEBGL_debug_renderer_info');
+      var name = info ? String(gl.getParameter(info.UNMASKED_RENDERER_WEBGL)) : '';
+      return /swiftshader|llvmpipe|softpipe|software/i.test(name) ? name : '';
+    } catch (e) {
+      return '';
+    }
+  }
+
+  function remembered(key) {
+    try { return window.localStorage.getItem(key) || ''; } catch (e) { return ''; }
+  }
+
+  function remember(key, value) {
+    try { window.localStorage.setItem(key, value); } catch (e) { /* private mode */ }
+  }
+
   function makeRenderer() {
-    var options = { canvas: canvas };
-    if (JSMpeg.Renderer.WebGL.IsSupported()) {
+    // A browser found to have only software WebGL is remembered, so that
+    // the next visit does not pay for finding out again.
+    var software = remembered('pistream.softwareWebGL');
+    if (!software && JSMpeg.Renderer.WebGL.IsSupported()) {
       try {
-        state.renderer = 'webgl';
-        return new JSMpeg.Renderer.WebGL(options);
-      } catch (e) { /* fall through to the 2D canvas */ }
+        var webgl = new JSMpeg.Renderer.WebGL({ canvas: canvas });
+        software = softwareRenderer(webgl.gl);
+        if (!software) {
+          state.renderer = 'webgl';
+          return webgl;
+        }
+        remember('pistream.softwareWebGL', software);
+        webgl.destroy();
+        var fresh = canvas.cloneNode(false);
+        canvas.parentNode.replaceChild(fresh, canvas);
+        canvas = fresh;
+      } catch (e) { /* the 2D canvas, then */ }
     }
-    state.renderer = 'canvas2d';
-    return new JSMpeg.Renderer.Canvas2D(options);
+    state.renderer = software ? 'canvas2d (software WebGL: ' + software + ')' : 'canvas2d';
+    return new JSMpeg.Renderer.Canvas2D({ canvas: canvas });
   }
 
-  // -- reading the stream --------------------------------------------------
+  // The newest decoded picture waits here for the next animation frame.
+  var pending = null;
+  var frameRequested = false;
+  var decoding = { received: 0 };
 
-  // The first video PES packet that starts in C{bytes} (whole TS packets):
-  // {pts: seconds or null, keyframe: bool}, or null if none starts here.
-  function pictureStart(bytes) {
-    for (var i = 0; i + 188 <= bytes.length; i += 188) {
-      if (bytes[i] !== 0x47 || !(bytes[i + 1] & 0x40)) { continue; }
-      var control = (bytes[i + 3] >> 4) & 3;
-      if (!(control & 1)) { continue; }
-      var p = i + 4 + ((control & 2) ? 1 + bytes[i + 4] : 0);
-      if (p + 14 > i + 188) { continue; }
-      if (bytes[p] !== 0 || bytes[p + 1] !== 0 || bytes[p + 2] !== 1 ||
-          bytes[p + 3] < 0xe0 || bytes[p + 3] > 0xef) { continue; }
-      var pts = null;
-      if (bytes[p + 7] & 0x80) {
-        var b = bytes;
-        pts = (((b[p + 9] >> 1) & 7) * 1073741824 + b[p + 10] * 4194304 +
-               (b[p + 11] >> 1) * 32768 + b[p + 12] * 128 + (b[p + 13] >> 1)) / 90000;
+  // What the decoder draws into: it keeps the newest picture for drawing
+  // at the next animation frame.  (The decoder double-buffers, so the
+  // newest picture's planes stay intact until two more are decoded.)
+  var destination = {
+    resize: function (width, height) { player.renderer.resize(width, height); },
+    render: function (y, cr, cb, clamped) {
+      if (pending) { state.overtaken += 1; }
+      pending = { y: y, cr: cr, cb: cb, clamped: clamped,
+                  received: decoding.received, decoded: performance.now() };
+      if (!frameRequested) {
+        frameRequested = true;
+        requestAnimationFrame(draw);
       }
-      var es = p + 9 + bytes[p + 8];
-      var keyframe = es + 4 <= i + 188 && bytes[es] === 0 && bytes[es + 1] === 0 &&
-        bytes[es + 2] === 1 && bytes[es + 3] === 0xb3;
-      return { pts: pts, keyframe: keyframe };
     }
-    return null;
-  }
-
-  // How much later than the best arrivals of the last seconds pictures come.
-  function LagMeter() { this.samples = []; this.last = null; }
-  LagMeter.prototype.reset = function () { this.samples = []; this.last = null; };
-  LagMeter.prototype.add = function (arrival, pts) {
-    var offset = arrival - pts * 1000;
-    // A jump in the timestamps (ffmpeg restarted): the old arrivals say nothing.
-    if (this.last && Math.abs((offset - this.last.offset)) > 5000) { this.reset(); }
-    this.last = { offset: offset };
-    var s = this.samples;
-    while (s.length && s[0].at < arrival - LAG_WINDOW) { s.shift(); }
-    // Keep only arrivals that could be the best of the window.
-    while (s.length && s[s.length - 1].offset >= offset) { s.pop(); }
-    s.push({ at: arrival, offset: offset });
-    return offset - s[0].offset;
   };
+
+  function draw() {
+    frameRequested = false;
+    var picture = pending;
+    pending = null;
+    if (!picture) { return; }
+    player.renderer.render(picture.y, picture.cr, picture.cb, picture.clamped);
+    state.drawn += 1;
+    mark('drawn');
+    if (state.state !== 'playing' && state.camera !== 'unavailable') { show('playing'); }
+    if (state.onpicture) {
+      state.onpicture({ received: picture.received, decoded: picture.decoded,
+                        drawn: performance.now() });
+    }
+  }
 
   // -- one connection ----------------------------------------------------
 
@@ -131,70 +166,114 @@
     var self = this;
     this.header = false;
     this.closed = false;
-    this.lag = new LagMeter();
-    this.demuxer = new JSMpeg.Demuxer.TS({});
-    var options = {
-      streaming: true, decodeFirstFrame: false, videoBufferSize: 4 * 1024 * 1024,
-      wasmModule: useWasm ? wasmModule : null
-    };
-    this.video = useWasm ? new JSMpeg.Decoder.MPEG1VideoWASM(options)
-                         : new JSMpeg.Decoder.MPEG1Video(options);
-    state.decoder = useWasm ? 'wasm' : 'js';
-    this.demuxer.connect(JSMpeg.Demuxer.TS.STREAM.VIDEO_1, this.video);
-    this.video.connect(renderer);
-    this.drawing = true;
+    this.waiting = [];  // messages that came before the player was ready
+    this.video = null;
     this.onClosed = onClosed;
     state.connects += 1;
     state.url = url;
     var socket = this.socket = new WebSocket(url, ['pistream']);
     socket.binaryType = 'arraybuffer';
-    socket.onmessage = function (ev) { self.onMessage(ev.data); };
+    socket.onmessage = function (ev) {
+      mark('message');
+      if (self.video) {
+        self.onMessage(ev.data, performance.now());
+      } else {
+        self.waiting.push([ev.data, performance.now()]);
+      }
+    };
+    socket.onopen = function () { mark('open'); };
     socket.onclose = function (ev) { self.onClose(ev); };
+    if (player) { this.start(); } else { connections.push(this); }
   }
 
-  Connection.prototype.onMessage = function (data) {
+  // The player is ready: wire a demuxer and decoder, take what waited.
+  Connection.prototype.start = function () {
+    if (this.closed) { return; }
+    this.demuxer = new JSMpeg.Demuxer.TS({});
+    this.useDecoder(wasmReady());
+    var waiting = this.waiting;
+    this.waiting = [];
+    for (var i = 0; i < waiting.length && !this.closed; i++) {
+      this.onMessage(waiting[i][0], waiting[i][1]);
+    }
+  };
+
+  // JSMpeg's decoder in WebAssembly once it is compiled; until then (the
+  // first pictures of a page) its JavaScript decoder, so that the first
+  // picture need not wait for the compiler.
+  Connection.prototype.useDecoder = function (wasm) {
+    var options = {
+      streaming: true, decodeFirstFrame: false, videoBufferSize: 4 * 1024 * 1024,
+      wasmModule: wasm ? player.wasmModule : null
+    };
+    if (this.video) {
+      this.video.connect(null);
+      if (this.video.destroy) { this.video.destroy(); }
+    }
+    this.video = wasm ? new JSMpeg.Decoder.MPEG1VideoWASM(options)
+                      : new JSMpeg.Decoder.MPEG1Video(options);
+    this.wasm = wasm;
+    state.decoder = wasm ? 'wasm' : 'js';
+    this.demuxer.connect(JSMpeg.Demuxer.TS.STREAM.VIDEO_1, this.video);
+    this.video.connect(destination);
+  };
+
+  // Whether C{bytes} (whole TS packets) begin a picture a decoder can start
+  // at: the first video PES in them opens with a sequence header.
+  function startsDecodable(bytes) {
+    for (var i = 0; i + 188 <= bytes.length; i += 188) {
+      if (bytes[i] !== 0x47 || !(bytes[i + 1] & 0x40)) { continue; }
+      var control = (bytes[i + 3] >> 4) & 3;
+      if (!(control & 1)) { continue; }
+      var p = i + 4 + ((control & 2) ? 1 + bytes[i + 4] : 0);
+      if (p + 9 > i + 188 || bytes[p] !== 0 || bytes[p + 1] !== 0 || bytes[p + 2] !== 1 ||
+          bytes[p + 3] < 0xe0 || bytes[p + 3] > 0xef) { continue; }
+      var es = p + 9 + bytes[p + 8];
+      return es + 4 <= i + 188 && bytes[es] === 0 && bytes[es + 1] === 0 &&
+        bytes[es + 2] === 1 && bytes[es + 3] === 0xb3;
+    }
+    return false;
+  }
+
+  Connection.prototype.onMessage = function (data, received) {
     if (typeof data === 'string') { this.onStatus(data); return; }
     if (!this.header) { this.onHeader(data); return; }
-    var received = performance.now();
-    var bytes = new Uint8Array(data);
-    state.bytes += bytes.length;
-    meter.bytes(received, bytes.length);
-    var start = pictureStart(bytes);
-    if (start && start.pts !== null) {
-      var behind = state.behind = this.lag.add(received, start.pts);
-      if (behind > BEHIND_RECONNECT && !document.hidden) {
-        state.reconnectsToLive += 1;
-        this.close('live');
+    decoding.received = received;
+    state.bytes += data.byteLength;
+    meter.bytes(received, data.byteLength);
+    if (!this.wasm && wasmReady() && !this.holding && startsDecodable(new Uint8Array(data))) {
+      this.useDecoder(true);  // the compiled decoder takes over where a decoder can start
+    }
+    this.demuxer.write(data);
+    if (!this.holding) { this.decode(received); }
+  };
+
+  // Decode all that is complete.  The very first picture of a connection
+  // (the start the server sends a newcomer) is shown before the pictures
+  // that follow it are decoded: decoding stops, and goes on after that
+  // picture is painted.
+  Connection.prototype.decode = function (received) {
+    for (var i = 0; i < MAX_DECODES && this.video.decode(); i++) {
+      mark('decoded');
+      state.frames += 1;
+      meter.picture(received);
+      if (!this.shown) {
+        this.shown = true;
+        this.hold();
         return;
       }
-      if (behind > BEHIND_CATCH_UP) {
-        state.catchingUp = true;
-      } else if (behind < BEHIND_CAUGHT_UP) {
-        state.catchingUp = false;
-      }
-    }
-    this.setDrawing(!state.catchingUp && !document.hidden);
-    this.demuxer.write(data);
-    for (var i = 0; i < MAX_DECODES && this.video.decode(); i++) {
-      this.decoded(received);
     }
   };
 
-  Connection.prototype.setDrawing = function (drawing) {
-    if (drawing !== this.drawing) {
-      this.drawing = drawing;
-      this.video.connect(drawing ? renderer : null);
-    }
-  };
-
-  Connection.prototype.decoded = function (received) {
-    state.frames += 1;
-    if (this.drawing) { state.drawn += 1; }
-    meter.picture(received);
-    if (state.state !== 'playing' && state.camera !== 'unavailable') { show('playing'); }
-    if (state.onpicture) {
-      state.onpicture({ received: received, decoded: performance.now(), drawn: this.drawing });
-    }
+  Connection.prototype.hold = function () {
+    var self = this;
+    this.holding = true;
+    requestAnimationFrame(function () {
+      setTimeout(function () {
+        self.holding = false;
+        if (!self.closed) { self.decode(decoding.received); }
+      }, 0);
+    });
   };
 
   Connection.prototype.onHeader = function (data) {
@@ -207,6 +286,7 @@
       return;
     }
     this.header = true;
+    mark('header');
     retryDelay = 500;
     state.width = view.getUint16(4);
     state.height = view.getUint16(6);
@@ -231,8 +311,8 @@
     meter.update();
   };
 
-  // Close on purpose: 'live' (to start again at live), 'release' (a hidden
-  // tab lets go of the stream) or 'refused' (not a stream to play).
+  // Close on purpose: 'release' (a hidden tab lets go of the stream) or
+  // 'refused' (not a stream to play).
   Connection.prototype.close = function (intent) {
     this.intent = intent;
     if (!this.closed) { this.socket.close(1000); }
@@ -240,8 +320,11 @@
 
   Connection.prototype.onClose = function (ev) {
     this.closed = true;
-    this.video.connect(null);
-    if (this.video.destroy) { this.video.destroy(); }
+    if (this.video) {
+      this.video.connect(null);
+      pending = null;  // its planes live in the decoder, which goes now
+      if (this.video.destroy) { this.video.destroy(); }
+    }
     this.onClosed(ev, this.intent);
   };
 
@@ -261,7 +344,6 @@
   function closed(ev, intent) {
     connection = null;
     if (intent === 'release' || intent === 'refused') { return; }
-    if (intent === 'live') { connect(); return; }
     if (ev.code === 1013) {  // try again later: the camera has all the viewers it takes
       show('camera busy: ' + (ev.reason || 'too many viewers'));
     } else {
@@ -273,7 +355,6 @@
 
   document.addEventListener('visibilitychange', function () {
     if (document.hidden) {
-      if (connection) { connection.setDrawing(false); }
       releaseTimer = setTimeout(function () {
         released = true;
         if (connection) { connection.close('release'); }
@@ -298,7 +379,7 @@
       while (this.arrivals.length && this.arrivals[0][0] < now - 2000) { this.arrivals.shift(); }
     },
     update: function () {
-      if (overlay.hidden) { return; }
+      if (!overlay || overlay.hidden) { return; }
       var now = performance.now();
       this.trim(now);
       var bits = 0;
@@ -316,34 +397,52 @@
 
   function toggleOverlay(on) {
     overlay.hidden = !on;
-    try { window.localStorage.setItem('pistream.overlay', on ? '1' : ''); } catch (e) { /* private mode */ }
+    remember('pistream.overlay', on ? '1' : '');
     meter.update();
   }
 
-  document.addEventListener('keydown', function (ev) {
-    if ((ev.key === 's' || ev.key === 'S') && !ev.ctrlKey && !ev.metaKey && !ev.altKey) {
-      toggleOverlay(overlay.hidden);
-    }
-  });
-  canvas.addEventListener('click', function () { toggleOverlay(overlay.hidden); });
-  setInterval(function () { meter.update(); }, 500);
-  var remembered = '';
-  try { remembered = window.localStorage.getItem('pistream.overlay'); } catch (e) { /* private mode */ }
-  toggleOverlay(window.location.hash === '#stats' || remembered === '1');
+  // -- start: the socket now, the player when its script has loaded ------
 
-  // -- start -------------------------------------------------------------
+  connect();
 
-  show('connecting');
-  renderer = makeRenderer();
-  state.player = { renderer: renderer };
-  if (useWasm) {
-    wasmModule = JSMpeg.WASMModule.GetModule();
-    var binary = JSMpeg.Base64ToArrayBuffer(JSMpeg.WASM_BINARY_INLINED);
-    wasmModule.loadFromBuffer(binary, function (module) {
-      if (!module && !wasmModule.ready) { useWasm = false; }
-      connect();
+  function whenReady() {
+    mark('loaded');
+    canvas = document.getElementById('video');
+    status = document.getElementById('status');
+    overlay = document.getElementById('overlay');
+    show(state.state);
+
+    document.addEventListener('keydown', function (ev) {
+      if ((ev.key === 's' || ev.key === 'S') && !ev.ctrlKey && !ev.metaKey && !ev.altKey) {
+        toggleOverlay(overlay.hidden);
+      }
     });
+    canvas.addEventListener('click', function () { toggleOverlay(overlay.hidden); });
+    setInterval(function () { meter.update(); }, 500);
+    toggleOverlay(window.location.hash === '#stats' || remembered('pistream.overlay') === '1');
+
+    player = { renderer: makeRenderer(), wasmModule: null };
+    state.player = player;
+    mark('player');
+    if (window.WebAssembly) {
+      // Compiled alongside; the connection switches over at a starting point.
+      var module = JSMpeg.WASMModule.GetModule();
+      module.loadFromBuffer(JSMpeg.Base64ToArrayBuffer(JSMpeg.WASM_BINARY_INLINED), function () {
+        if (module.ready) {
+          player.wasmModule = module;
+          mark('wasm');
+        }
+      });
+    }
+    var waiting = connections;
+    connections = [];
+    for (var i = 0; i < waiting.length; i++) { waiting[i].start(); }
+  }
+
+  // jsmpg.js is a deferred script: it has run by DOMContentLoaded.
+  if (document.readyState === 'loading') {
+    document.addEventListener('DOMContentLoaded', whenReady);
   } else {
-    connect();
+    whenReady();
   }
 }());
