@@ -40,7 +40,8 @@ def test_the_page_carries_the_stream_and_its_size(daemon):
     assert 'data-width="800" data-height="600"' in page
     assert '<canvas id="video" width="800" height="600"' in page
     assert "--fg: #abcdef; --bg: #101010;" in page
-    assert '<script src="jsmpg.js"></script>' in page
+    assert '<script src="jsmpg.js" defer></script>' in page
+    assert '<script src="pistream.js"></script>' in page
     assert "$" not in page  # every placeholder was filled
 
 
