@@ -232,7 +232,7 @@ def test_repeated_ctrl_c_during_shutdown_is_harmless():
         code = daemon.process.wait(10)
         took = time.monotonic() - started
         assert took < 2.0, took
-        assert code in (0, -signal.SIGINT)
+        assert code in (0, -signal.SIGINT, -signal.SIGTERM)  # whichever came first
         daemon.wait_for(r"Server Shut Down", 5)
         # (Two signals sent at once may reach the process as one.)
         assert re.search(r"already shutting down \(SIG(INT|TERM)\)", daemon.output())
