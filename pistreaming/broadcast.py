@@ -19,13 +19,14 @@ nothing for ``stuck_timeout`` seconds is closed.
 """
 
 import collections
+import errno
 import json
 import socket
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer, task, tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -73,6 +74,19 @@ class StartCache:
         self.size = 0
 
 
+def _direct_socket(transport):
+    """The socket of a plain TCP transport whose buffer this module may look
+    at (Twisted's FileDescriptor, 22.4 to now), or None: then every frame
+    goes through transport.write (TLS, tests' fakes, other transports)."""
+    if type(transport) is not tcp.Server:
+        return None
+    if not all(hasattr(transport, name)
+               for name in ("_tempDataLen", "offset", "dataBuffer", "disconnecting")):
+        return None
+    sock = transport.getHandle()
+    return sock if isinstance(sock, socket.socket) else None
+
+
 @implementer(IPushProducer)
 class Viewer:
     """One open connection's sending state.  Registered as the producer of
@@ -81,6 +95,8 @@ class Viewer:
     def __init__(self, protocol, factory, now):
         self.protocol = protocol
         self.factory = factory
+        self.transport = protocol.transport
+        self.socket = _direct_socket(self.transport)
         self.peer = protocol.peer
         self.connected_since = now
         self.queue = collections.deque()
@@ -91,21 +107,31 @@ class Viewer:
         self.bytes_sent = 0
         self.skips = 0
         self.status = protocol.wants_status
+        self.sock_send = self.socket.send if self.socket is not None else None
+        self._refresh()
+
+    def _refresh(self):
+        # Whether frames may go straight to the socket (StreamFactory.broadcast).
+        self.direct = (self.socket is not None and not self.paused
+                       and not self.queue and not self.skipping)
 
     # IPushProducer: called by the transport
     def pauseProducing(self):
         if not self.paused:
             self.paused = True
             self.paused_since = self.factory.reactor.seconds()
+            self._refresh()
 
     def resumeProducing(self):
         self.paused = False
         self.paused_since = None
         self._flush()
+        self._refresh()
 
     def stopProducing(self):
         self.queue.clear()
         self.queued = 0
+        self._refresh()
 
     def offer(self, chunk, message):
         if self.skipping:
@@ -114,16 +140,47 @@ class Viewer:
             self.skipping = False
         if not self.paused and not self.queue:
             self._send(chunk, message)
-            return
-        self.queue.append((chunk, message))
-        self.queued += len(chunk)
-        if self.queued > self.factory.backlog_limit:
-            self._skip_ahead()
+        else:
+            self.queue.append((chunk, message))
+            self.queued += len(chunk)
+            if self.queued > self.factory.backlog_limit:
+                self._skip_ahead()
+        self._refresh()
 
     def _send(self, chunk, message):
-        self.protocol.sendPreparedMessage(message)
+        data = message.payloadHybi  # the frame, as Autobahn prepared it once
+        if self.socket is not None and self.transport_idle():
+            sent = self.send_now(data)
+            if sent == len(data):
+                self.bytes_sent += len(chunk)
+                self.factory.bytes_sent += len(chunk)
+                return
+            data = data[sent:]
+        self.transport.write(data)
         self.bytes_sent += len(chunk)
         self.factory.bytes_sent += len(chunk)
+
+    def transport_idle(self):
+        """Nothing waits in the transport's buffer (Twisted's FileDescriptor)."""
+        t = self.transport
+        return (not t._tempDataLen and t.offset == len(t.dataBuffer)
+                and t.connected and not t.disconnecting)
+
+    def send_now(self, data):
+        """Give C{data} to the kernel now, as Node.js's libuv does (one system
+        call, no poller changes): how much it took.  Only call when the
+        transport is idle; what the kernel does not take must then go
+        through transport.write (and its backpressure)."""
+        try:
+            return self.sock_send(data)
+        except OSError as e:
+            return self.send_failed(e)
+
+    def send_failed(self, error):
+        if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+            self.socket = None  # let Twisted find the error and close
+            self._refresh()
+        return 0
 
     def _flush(self):
         while self.queue and not self.paused:
@@ -150,6 +207,7 @@ class Viewer:
         self.queue.extend(restart)
         self.queued = sum(len(chunk) for chunk, _ in self.queue)
         self.skipping = not restart
+        self._refresh()
         self.skips += 1
         self.factory.skips += 1
         log.info("viewer {peer} fell behind; skipped {dropped} bytes to the next "
@@ -246,6 +304,14 @@ class StreamFactory(WebSocketServerFactory):
         transport.registerProducer(viewer, True)
         if self.send_buffer:
             self._set_send_buffer(transport)
+        # A picture goes out at once, whole: Nagle's algorithm would hold its
+        # last segment until the viewer acknowledged the ones before (with a
+        # delayed ACK, tens of milliseconds).
+        if hasattr(transport, "setTcpNoDelay"):
+            try:
+                transport.setTcpNoDelay(True)
+            except OSError:
+                pass
         protocol.viewer = viewer
         self.viewers[protocol] = viewer
         self.viewers_total += 1
@@ -286,15 +352,38 @@ class StreamFactory(WebSocketServerFactory):
     # the stream
     def broadcast(self, chunk):
         """Send C{chunk} (a L{pistreaming.mpegts.Chunk}) to every open viewer."""
-        self.bytes_in += len(chunk)
+        size = len(chunk)
+        self.bytes_in += size
         message = self.prepareMessage(chunk.data, isBinary=True, doNotCompress=True)
         self.start_cache.add(chunk, message)
         if not self.viewers:
-            self.bytes_discarded += len(chunk)
+            self.bytes_discarded += size
             return
+        # The common case inline (this loop is the daemon's hot path): a
+        # viewer keeping up, on a plain TCP socket, gets the frame from the
+        # kernel at once.  Anything else takes Viewer.offer.
+        data = message.payloadHybi
+        whole = len(data)
+        is_open = WebSocketProtocol.STATE_OPEN
+        sent = 0
         for protocol, viewer in self.viewers.items():
-            if protocol.state == WebSocketProtocol.STATE_OPEN:
-                viewer.offer(chunk, message)
+            if protocol.state != is_open:
+                continue
+            if viewer.direct:
+                t = viewer.transport
+                if (not t._tempDataLen and t.offset == len(t.dataBuffer)
+                        and t.connected and not t.disconnecting):
+                    try:
+                        taken = viewer.sock_send(data)
+                    except OSError as e:
+                        taken = viewer.send_failed(e)
+                    if taken != whole:  # the rest waits in the transport
+                        t.write(data[taken:] if taken else data)
+                    viewer.bytes_sent += size
+                    sent += 1
+                    continue
+            viewer.offer(chunk, message)
+        self.bytes_sent += sent * size
 
     def set_status(self, **status):
         """Tell viewers that asked for status (the page) what changed."""

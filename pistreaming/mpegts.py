@@ -75,9 +75,11 @@ def _read_pts(b):
             | b[3] << 7 | b[4] >> 1)
 
 
-def video_pes_start(packet):
+def _video_pes(packet):
     """If C{packet} begins a video PES packet: (pts in seconds or None,
-    whether the elementary stream starts with a sequence header).  Else None."""
+    whether the elementary stream starts with a sequence header, the PES
+    packet's whole length in bytes or None if its header leaves it open,
+    the PES bytes in this packet).  Else None."""
     if packet[0] != SYNC or not packet[1] & 0x40:  # payload_unit_start_indicator
         return None
     offset = _payload_offset(packet)
@@ -86,57 +88,89 @@ def video_pes_start(packet):
     pes = packet[offset:]
     if len(pes) < 9 or pes[:3] != b"\x00\x00\x01" or not 0xE0 <= pes[3] <= 0xEF:
         return None
+    length = (pes[4] << 8) | pes[5]
     flags, header_length = pes[7], pes[8]
     pts = None
     if flags & 0x80 and len(pes) >= 14:
         pts = _read_pts(pes[9:14]) / PTS_CLOCK
     es = pes[9 + header_length:]
-    return pts, es[:4] == SEQUENCE_HEADER
+    return pts, es[:4] == SEQUENCE_HEADER, (6 + length if length else None), len(pes)
+
+
+def video_pes_start(packet):
+    """If C{packet} begins a video PES packet: (pts in seconds or None,
+    whether the elementary stream starts with a sequence header).  Else None."""
+    found = _video_pes(packet)
+    return None if found is None else found[:2]
 
 
 class PictureSplitter:
-    """Cuts whole TS packets into chunks that begin where pictures begin."""
+    """Cuts whole TS packets into chunks that begin where pictures begin.
+
+    Where the PES header gives the picture's length (ffmpeg writes it when it
+    fits in 16 bits), a picture's packets are handed on together once its
+    last one is here: ffmpeg writes a picture in one go, so this costs no
+    time, and a picture is one chunk (one message to each viewer).  A
+    picture of unknown length is handed on as its bytes come.
+    """
 
     def __init__(self):
         self.video_pid = None
-        self._held = []  # trailing table packets, which may lead the next picture
+        self._current = []     # packets not yet handed on
+        self._meta = {}        # what the chunk that `_current` starts is
+        self._run_start = None  # where table packets at the end of `_current` begin
+        self._remaining = None  # PES bytes of the current picture still to come
 
     def feed(self, packets):
         """Take whole packets; return the chunks they complete, in order.
 
         Table packets at the very end are held until the next call (they
-        belong in front of the next picture, if one follows); everything
-        else is returned at once.
+        belong in front of the next picture, if one follows), and so is a
+        picture of known length that is not complete yet; everything else is
+        returned at once.
         """
         chunks = []
-        current = self._held
-        meta = {}
-        self._held = []
-        # Where the table packets at the end of `current` begin, if it ends in some.
-        run_start = 0 if current else None
         for i in range(0, len(packets), PACKET):
             packet = packets[i:i + PACKET]
-            start = video_pes_start(packet)
-            if start is not None:
+            pes = _video_pes(packet)
+            if pes is not None:
                 if self.video_pid is None:
                     self.video_pid = _pid(packet)
+                current, run_start = self._current, self._run_start
                 leading = current[run_start:] if run_start is not None else []
                 rest = current[:run_start] if run_start is not None else current
                 if rest:
-                    chunks.append(Chunk(b"".join(rest), **meta))
-                pts, keyframe = start
-                current = leading + [packet]
-                meta = {"picture": True, "keyframe": keyframe, "pts": pts}
-                run_start = None
+                    chunks.append(Chunk(b"".join(rest), **self._meta))
+                pts, keyframe, total, here = pes
+                self._current = leading + [packet]
+                self._meta = {"picture": True, "keyframe": keyframe, "pts": pts}
+                self._run_start = None
+                self._remaining = None if total is None else total - here
+            elif self.video_pid is not None and _pid(packet) == self.video_pid:
+                self._run_start = None
+                self._current.append(packet)
+                if self._remaining is not None:
+                    offset = _payload_offset(packet)
+                    self._remaining -= PACKET - offset if offset is not None else 0
+            else:
+                if self._run_start is None:
+                    self._run_start = len(self._current)
+                self._current.append(packet)
                 continue
-            if self.video_pid is not None and _pid(packet) == self.video_pid:
-                run_start = None
-            elif run_start is None:
-                run_start = len(current)
-            current.append(packet)
-        if run_start is not None:
-            self._held = current[run_start:]
-            current = current[:run_start]
-        if current:
-            chunks.append(Chunk(b"".join(current), **meta))
+            if self._remaining is not None and self._remaining <= 0:
+                chunks.append(Chunk(b"".join(self._current), **self._meta))
+                self._current, self._meta = [], {}
+                self._run_start, self._remaining = None, None
+        if self._remaining is None and self._current:
+            run_start = self._run_start
+            out = self._current[:run_start] if run_start is not None else self._current
+            if out:
+                chunks.append(Chunk(b"".join(out), **self._meta))
+                self._meta = {}
+            self._current = self._current[run_start:] if run_start is not None else []
+            self._run_start = 0 if self._current else None
         return chunks
+
+    def held(self):
+        """The bytes held back for now (for tests)."""
+        return b"".join(self._current)

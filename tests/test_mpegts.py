@@ -42,9 +42,11 @@ def split(data, seed):
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_every_picture_starts_a_chunk_and_nothing_is_lost(encoded, seed):
     chunks, splitter = split(encoded, seed)
-    assert b"".join(c.data for c in chunks) + b"".join(splitter._held) == encoded
+    assert b"".join(c.data for c in chunks) + splitter.held() == encoded
     pictures = [c for c in chunks if c.picture]
     assert len(pictures) == FRAMES
+    # each picture (their lengths are known) is one chunk, whole
+    assert all(c.picture for c in chunks)
     for chunk in chunks:
         assert len(chunk) % PACKET == 0
         starts = [i for i in range(0, len(chunk), PACKET)
@@ -85,3 +87,26 @@ def test_a_starting_point_decodes_on_its_own(encoded, tmp_path):
          "-show_entries", "stream=nb_read_frames", "-of", "csv=p=0", str(path)],
         capture_output=True, timeout=60, check=True, text=True).stdout.split()
     assert int(frames[0]) == FRAMES - RATE
+
+
+def test_pictures_of_unknown_length_are_handed_on_as_they_come(encoded):
+    # PES length 0 ("unbounded", as ffmpeg writes pictures over 64 KiB): the
+    # splitter cannot know where a picture ends, so it holds nothing back.
+    packets = bytearray(encoded)
+    for i in range(0, len(packets), PACKET):
+        if video_pes_start(bytes(packets[i:i + PACKET])):
+            offset = 4 + (1 + packets[i + 4] if packets[i + 3] & 0x20 else 0)
+            packets[offset + i + 4:offset + i + 6] = b"\x00\x00"
+    packets = bytes(packets)
+    packetizer, splitter = TSPacketizer(), PictureSplitter()
+    chunks = []
+    for i in range(0, len(packets), PACKET):  # one packet at a time
+        chunks.extend(splitter.feed(packetizer.feed(packets[i:i + PACKET])))
+        held = splitter.held()
+        # only table packets may wait (for the picture they lead)
+        assert all(video_pes_start(held[j:j + PACKET]) is None
+                   and int.from_bytes(held[j + 1:j + 3], "big") & 0x1FFF != splitter.video_pid
+                   for j in range(0, len(held), PACKET))
+    assert b"".join(c.data for c in chunks) + splitter.held() == packets
+    assert sum(c.picture for c in chunks) == FRAMES
+    assert any(not c.picture for c in chunks)  # continuations handed on alone
