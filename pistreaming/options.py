@@ -58,10 +58,22 @@ class Config:
     font: "str | None" = None
     color: str = "#444"
     bgcolor: str = "#333"
+    #: A viewer's backlog limit: ("seconds", s) of video or ("bytes", n).
+    backlog: tuple = ("seconds", 1.0)
+    #: Seconds a viewer may take nothing before it is closed.
+    viewer_timeout: float = 10.0
 
     @property
     def geometry(self):
         return FrameGeometry(self.width, self.height)
+
+    @property
+    def backlog_bytes(self):
+        """The backlog limit in bytes (a time is turned into bytes at the bit rate)."""
+        kind, value = self.backlog
+        if kind == "bytes":
+            return int(value)
+        return max(MIN_BACKLOG, int(value * self.bitrate / 8))
 
 
 def parse_resolution(text):
@@ -108,6 +120,37 @@ def parse_bitrate(text):
             f"--bitrate: {text} is outside {MIN_BITRATE // 1000}k..{MAX_BITRATE // 1_000_000}M"
         )
     return bits
+
+
+MIN_BACKLOG, MAX_BACKLOG = 16_000, 64_000_000
+
+
+def parse_backlog(text):
+    """A time (0.5s, 2s) or a size in bytes (256k, 4M): ("seconds", s) or ("bytes", n)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|[kKmM]?)\s*", text)
+    if not match:
+        raise usage.UsageError(
+            f"--backlog: {text!r} is neither a time (for example 1s) nor a size "
+            "(for example 256k)")
+    number, unit = float(match.group(1)), match.group(2)
+    if unit == "s":
+        if not 0.1 <= number <= 30:
+            raise usage.UsageError(f"--backlog: {text} is outside 0.1s..30s")
+        return ("seconds", number)
+    size = int(number * {"": 1, "k": 1_000, "m": 1_000_000}[unit.lower()])
+    if not MIN_BACKLOG <= size <= MAX_BACKLOG:
+        raise usage.UsageError(f"--backlog: {text} is outside 16k..64M bytes")
+    return ("bytes", size)
+
+
+def parse_seconds(option, text, low, high):
+    try:
+        value = float(text.strip().rstrip("s"))
+    except ValueError:
+        raise usage.UsageError(f"--{option}: {text!r} is not a number of seconds") from None
+    if not low <= value <= high:
+        raise usage.UsageError(f"--{option}: {text} is outside {low:g}..{high:g} seconds")
+    return value
 
 
 def parse_endpoint(option, text):
@@ -249,6 +292,11 @@ class Options(usage.Options):
         ["ffmpeg", None, Config.ffmpeg, "The ffmpeg executable."],
         ["color", None, Config.color, "Page text and frame colour."],
         ["bgcolor", None, Config.bgcolor, "Page background colour."],
+        ["backlog", None, "1s",
+         "What a viewer may have waiting before it skips ahead: a time of video "
+         "(1s) or bytes (256k)."],
+        ["viewer-timeout", None, "10",
+         "Seconds a viewer may take nothing before it is closed."],
     ]
 
     compData = usage.Completions(
@@ -277,4 +325,6 @@ class Options(usage.Options):
             font=font,
             color=parse_colour("color", self["color"]),
             bgcolor=parse_colour("bgcolor", self["bgcolor"]),
+            backlog=parse_backlog(self["backlog"]),
+            viewer_timeout=parse_seconds("viewer-timeout", self["viewer-timeout"], 1, 3600),
         )

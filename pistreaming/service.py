@@ -35,7 +35,8 @@ class Pistream(service.MultiService):
             stream_header(config.width, config.height), reactor,
             # Half a second of video in the kernel, at most, per viewer.
             send_buffer=max(64 * 1024, second_of_video // 2))
-        self.factory.backlog_limit = max(64 * 1024, second_of_video)
+        self.factory.backlog_limit = config.backlog_bytes
+        self.factory.stuck_timeout = config.viewer_timeout
         self.stats = Stats(self, reactor)
         # A source ffmpeg reads itself says how; the others hand raw frames over.
         video_input = source.ffmpeg_input() if hasattr(source, "ffmpeg_input") else None

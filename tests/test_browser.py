@@ -5,6 +5,7 @@ must change over time, keep its aspect on a phone-sized screen, and come back
 by itself when the daemon restarts.
 """
 
+import os
 import time
 
 import pytest
@@ -125,3 +126,71 @@ def test_the_page_comes_back_by_itself_after_the_daemon_restarts(browser):
             second.stop()
     finally:
         ctx.close()
+
+
+def test_the_picture_comes_back_after_ffmpeg_is_killed_without_a_reload(browser):
+    import os
+    import signal
+    from tests.test_stream import ffmpeg_children
+    with Daemon() as daemon:
+        ctx, page = open_page(browser, daemon.base_url)
+        try:
+            wait_for_pictures(page, 10)
+            (ffmpeg,) = ffmpeg_children(daemon)
+            mark = len(daemon.lines)
+            os.kill(ffmpeg, signal.SIGKILL)
+            daemon.wait_for(r"encoder process: ffmpeg pid", 10, start=mark)
+            before = page.evaluate("window.pistream.frames")
+            wait_for_pictures(page, before + 24)  # a second of pictures, on the same page
+            assert page.evaluate("window.pistream.connects") == 1
+            assert page.locator("#status").is_hidden()
+        finally:
+            ctx.close()
+
+
+def test_a_camera_that_stops_is_shown_as_unavailable_then_comes_back(browser):
+    fakes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakes")
+    env = {"PYTHONPATH": fakes, "FAKE_PICAMERA": "stall-after:48"}
+    with Daemon("--framerate", "24", camera="picamera", env=env) as daemon:
+        ctx, page = open_page(browser, daemon.base_url)
+        try:
+            wait_for_pictures(page, 5)
+            # 2 s of frames, then nothing: after the stall timeout the daemon
+            # says so, and the page shows it instead of a frozen picture.
+            page.wait_for_function("window.pistream.camera === 'unavailable'", timeout=15_000)
+            assert page.locator("#status").inner_text() == "camera unavailable\u2026"
+            assert page.evaluate("document.body.classList.contains('stale')")
+            daemon.wait_for(r"camera picamera: no frame for [\d.]+s; retrying in 1.0s", 5)
+            # The camera is opened again and delivers: the picture is live again.
+            page.wait_for_function("window.pistream.camera === 'ok'", timeout=15_000)
+            page.wait_for_function("window.pistream.state === 'playing'", timeout=5_000)
+            assert page.locator("#status").is_hidden()
+        finally:
+            ctx.close()
+
+
+def test_the_overlay_shows_rate_bit_rate_and_viewers(browser):
+    with Daemon("--framerate", "24") as daemon:
+        ctx, page = open_page(browser, daemon.base_url)
+        try:
+            wait_for_pictures(page, 10)
+            assert page.locator("#overlay").is_hidden()
+            page.keyboard.press("s")
+            overlay = page.locator("#overlay")
+            page.wait_for_function(
+                "/fps/.test(document.getElementById('overlay').textContent) && "
+                "window.pistream.viewers === 1", timeout=5_000)
+            # once two seconds of pictures are in its window, about 24 fps
+            page.wait_for_function(
+                "parseFloat(document.getElementById('overlay').textContent"
+                ".split('\\n')[1]) >= 20", timeout=10_000)
+            lines = overlay.inner_text().splitlines()
+            assert lines[0] == "640\u00d7480"
+            fps = float(lines[1].split()[0])
+            assert 20 <= fps <= 28, lines
+            assert lines[2].endswith("kbit/s") and int(lines[2].split()[0]) > 100
+            assert lines[3] == "1 viewer"
+            page.keyboard.press("s")
+            assert overlay.is_hidden()
+        finally:
+            ctx.close()

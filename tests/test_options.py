@@ -37,6 +37,9 @@ def test_defaults_match_the_original_demo():
     assert os.path.isabs(config.ffmpeg) and os.path.basename(config.ffmpeg) == "ffmpeg"
     assert (config.color, config.bgcolor) == ("#444", "#333")
     assert (config.annotate, config.font) == (None, None)
+    # a viewer may fall a second of video behind, and take nothing for 10 s
+    assert config.backlog == ("seconds", 1.0) and config.backlog_bytes == 100_000
+    assert config.viewer_timeout == 10.0
 
 
 def test_every_option_is_taken():
@@ -44,12 +47,22 @@ def test_every_option_is_taken():
         "--http", "tcp:9000:interface=127.0.0.1", "--ws-port", "9001",
         "--resolution", "1296x730", "--framerate", "29.97", "--bitrate", "2.5M",
         "--vflip", "--hflip", "--camera", "TEST", "--color", "#abc", "--bgcolor", "black",
+        "--backlog", "256k", "--viewer-timeout", "30",
     )
     assert config == Config(
         http="tcp:9000:interface=127.0.0.1", ws="tcp:9001", width=1296, height=730,
         framerate=Fraction(30000, 1001), bitrate=2_500_000, vflip=True, hflip=True,
         camera="test", ffmpeg=config.ffmpeg, color="#abc", bgcolor="black",
+        backlog=("bytes", 256_000), viewer_timeout=30.0,
     )
+
+
+@pytest.mark.parametrize("value,bitrate,limit", [
+    ("1s", "800k", 100_000), ("0.5s", "2M", 125_000), ("0.1s", "32k", 16_000),
+    ("256k", "800k", 256_000), ("2M", "800k", 2_000_000), ("64000", "800k", 64_000),
+])
+def test_backlog_is_a_time_of_video_or_a_size(value, bitrate, limit):
+    assert parse("--backlog", value, "--bitrate", bitrate).backlog_bytes == limit
 
 
 @pytest.mark.parametrize("value,endpoint", [
@@ -81,6 +94,11 @@ def test_ws_port_forms(value, endpoint):
     (("--ws-port", "abc"), "--ws-port: 'abc' is not a port number"),
     (("--color", "red;}body{"), "--color: 'red;}body{' is not a colour"),
     (("--bgcolor", "#12"), "--bgcolor: '#12' is not a colour"),
+    (("--backlog", "lots"), "--backlog: 'lots' is neither a time (for example 1s) nor a size"),
+    (("--backlog", "60s"), "--backlog: 60s is outside 0.1s..30s"),
+    (("--backlog", "1k"), "--backlog: 1k is outside 16k..64M bytes"),
+    (("--viewer-timeout", "soon"), "--viewer-timeout: 'soon' is not a number of seconds"),
+    (("--viewer-timeout", "0"), "--viewer-timeout: 0 is outside 1..3600 seconds"),
     (("--ffmpeg", "/nonexistent/ffmpeg"), "--ffmpeg: /nonexistent/ffmpeg is not an executable"),
     (("--ffmpeg", "no-such-ffmpeg"), "ffmpeg (no-such-ffmpeg) was not found on PATH; install it"),
 ])

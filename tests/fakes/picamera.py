@@ -25,7 +25,9 @@ chroma) in the padding.
 
 The simulated hardware is ``hardware``; a daemon in another process reads its
 state from the environment variable ``FAKE_PICAMERA``: ``absent`` (no camera),
-``busy`` (held by another program), or ``present`` (the default).
+``busy`` (held by another program), ``present`` (the default), or
+``stall-after:N`` (each recording delivers N frames, then none, as a camera
+whose sensor stopped answering: picamera then just waits).
 """
 
 import os
@@ -93,6 +95,9 @@ class Hardware:
     def __init__(self, state=None):
         self.present = state != "absent"
         self.busy = state == "busy"
+        self.stall_after = None
+        if state and state.startswith("stall-after:"):
+            self.stall_after = int(state.split(":", 1)[1])
         self.lock = threading.Lock()
         self.open_camera = None
         self.opened = 0          # PiCamera() calls that succeeded
@@ -150,6 +155,9 @@ class _Recording:
         due = time.monotonic()
         for number in range(10**9):
             if self.stop_flag.wait(max(0.0, due - time.monotonic())):
+                break
+            if hardware.stall_after is not None and number >= hardware.stall_after:
+                self.stop_flag.wait(3600)  # the sensor went quiet
                 break
             due += interval
             data = render(number, width, height)
