@@ -89,10 +89,14 @@ setup(
         "Twisted>=22.4",
         "autobahn>=22.7",
         "prometheus_client>=0.16",
+        # TLS (ssl: endpoints) for Twisted
+        "pyOpenSSL>=21",
+        "service_identity>=18.1",
     ],
     extras_require={
         "picamera": ["picamera>=1.13"],
     },
+    entry_points={"console_scripts": ["pistream-passwd = pistreaming.passwd:main"]},
     cmdclass={"build_player": build_player, "build_py": build_py_with_player},
     zip_safe=False,
     classifiers=[

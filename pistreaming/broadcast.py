@@ -23,8 +23,13 @@ import errno
 import json
 import socket
 
+from urllib.parse import urlsplit
+
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.interfaces import ISSLTransport
 from twisted.application import service
 from twisted.internet import defer, task, tcp
 from twisted.internet.interfaces import IPushProducer
@@ -42,6 +47,12 @@ STATUS_PROTOCOL = "pistream"
 
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008
+CLOSE_TRY_AGAIN_LATER = 1013
+
+#: A viewer that sends more than this many messages (or pings) in
+#: FLOOD_WINDOW seconds is closed: viewers have nothing to say.
+FLOOD_MESSAGES = 20
+FLOOD_WINDOW = 10.0
 
 # Module-level: Autobahn's classes carry their own (level-filtered) loggers in
 # a class attribute named "log", which must not be replaced.
@@ -228,25 +239,93 @@ class Viewer:
         }
 
 
+def origin_matches_host(origin, host, secure):
+    """Whether a browser's Origin header names the same site as the Host
+    header of the request (the page's own origin).  A port is compared when
+    either side gives one; the scheme only sets the default port."""
+    try:
+        parts = urlsplit(origin)
+        origin_host, origin_port = parts.hostname, parts.port
+    except ValueError:
+        return False
+    if parts.scheme not in ("http", "https") or not origin_host:
+        return False
+    default = 443 if parts.scheme == "https" else 80
+    origin_port = origin_port or default
+    try:
+        host_parts = urlsplit("//" + host)
+        host_name, host_port = host_parts.hostname, host_parts.port
+    except ValueError:
+        return False
+    if not host_name or host_name != origin_host.lower():
+        return False
+    if host_port is None:
+        # No port in Host: the request came to the scheme's default port (or
+        # through a proxy that dropped it); the origin must use a default one.
+        return origin_port in (80, 443)
+    return host_port == origin_port
+
+
 class ViewerProtocol(WebSocketServerProtocol):
     viewer = None
     wants_status = False
 
     def onConnect(self, request):
-        if STATUS_PROTOCOL in request.protocols:
-            self.wants_status = True
-            return STATUS_PROTOCOL
-        return None
+        factory = self.factory
+        origin = request.headers.get("origin")
+        if origin is not None and not factory.origin_allowed(
+                origin, request.headers.get("host", ""), ISSLTransport.providedBy(self.transport)):
+            log.warn("viewer {peer}: refused a page from {origin} (not this site's origin "
+                     "nor in --allow-origin)", peer=self.peer, origin=origin[:200])
+            raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
+        protocol = STATUS_PROTOCOL if STATUS_PROTOCOL in request.protocols else None
+        self.wants_status = protocol is not None
+        if factory.authenticator is None:
+            return protocol
+        authorization = request.headers.get("authorization", "").encode("latin-1", "replace")
+        d = factory.authenticator.authenticate(
+            authorization, _host_of(self.peer), "the stream")
+
+        def refused(failure):
+            failure.trap(UnauthorizedLogin)
+            raise ConnectionDeny(401, "a user name and password are needed")
+
+        return d.addCallbacks(lambda user: protocol, refused)
 
     def onOpen(self):
+        self._heard = collections.deque()
         self.factory.add_viewer(self)
 
+    def _heard_from(self):
+        # Viewers have nothing to say; what they send is dropped, and one that
+        # keeps sending is closed.
+        now = self.factory.reactor.seconds()
+        heard = self._heard
+        heard.append(now)
+        while heard and heard[0] < now - FLOOD_WINDOW:
+            heard.popleft()
+        if len(heard) > FLOOD_MESSAGES and self.state == WebSocketProtocol.STATE_OPEN:
+            log.warn("viewer {peer} sent {count} messages in {window:.0f}s; closing it",
+                     peer=self.peer, count=len(heard), window=FLOOD_WINDOW)
+            heard.clear()
+            self.sendCloseFrame(code=CLOSE_POLICY, reasonUtf8=b"viewers do not send")
+
     def onMessage(self, payload, isBinary):
-        # Viewers have nothing to say; what they send is dropped.
-        pass
+        self._heard_from()
+
+    def onPing(self, payload):
+        self._heard_from()
+        super().onPing(payload)
 
     def onClose(self, wasClean, code, reason):
         self.factory.remove_viewer(self)
+
+
+def _host_of(peer):
+    # Autobahn's peer: "tcp4:1.2.3.4:5678" or "tcp6:[::1]:5678"
+    body = peer.split(":", 1)[1] if ":" in peer else peer
+    host = body.rsplit(":", 1)[0]
+    return host.strip("[]")
 
 
 class StreamFactory(WebSocketServerFactory):
@@ -257,6 +336,13 @@ class StreamFactory(WebSocketServerFactory):
     backlog_limit = 256 * 1024
     #: Seconds a viewer may take nothing before it is closed.
     stuck_timeout = 10.0
+
+    #: Checks credentials in the handshake (pistreaming.auth), or None.
+    authenticator = None
+    #: Origins (besides the page's own) that may open the stream; "*": any.
+    allow_origins = ()
+    #: At most this many viewers at once (0: no limit).
+    max_viewers = 0
 
     def __init__(self, header, reactor, send_buffer=None, start_cache_limit=4 * 1024 * 1024):
         """
@@ -292,9 +378,23 @@ class StreamFactory(WebSocketServerFactory):
         self.bytes_in = 0
         self.skips = 0
         self.viewers_total = 0
+        self.turned_away = 0
+
+    def origin_allowed(self, origin, host, secure):
+        if "*" in self.allow_origins or origin.lower() in self.allow_origins:
+            return True
+        return origin_matches_host(origin, host, secure)
 
     # viewers
     def add_viewer(self, protocol):
+        if self.max_viewers and len(self.viewers) >= self.max_viewers:
+            log.warn("viewer {peer} turned away: {viewers} watching, {most} at most",
+                     peer=protocol.peer, viewers=len(self.viewers), most=self.max_viewers)
+            self.turned_away += 1
+            protocol.sendCloseFrame(
+                code=CLOSE_TRY_AGAIN_LATER,
+                reasonUtf8=f"too many viewers ({self.max_viewers} at most)".encode())
+            return
         viewer = Viewer(protocol, self, self.reactor.seconds())
         transport = protocol.transport
         # On the HTTP port the web server's channel is still the transport's

@@ -33,6 +33,8 @@ class StatsCollector:
         yield _gauge("pistream_viewers_backlog_bytes",
                      "Bytes waiting in viewers' queues, all viewers together.",
                      sum(v["backlog"] for v in viewers["list"]))
+        yield _counter("pistream_viewers_turned_away",
+                       "Viewers turned away (--max-viewers).", broadcast["turned_away"])
         yield _counter("pistream_viewer_skips",
                        "Times a viewer fell behind and skipped ahead.", broadcast["skips"])
         yield _gauge("pistream_camera_up", "1 while the camera delivers frames.",

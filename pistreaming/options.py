@@ -62,6 +62,12 @@ class Config:
     backlog: tuple = ("seconds", 1.0)
     #: Seconds a viewer may take nothing before it is closed.
     viewer_timeout: float = 10.0
+    #: The password file (HTTP Basic for the page, the stream, everything), or None.
+    passwd: "str | None" = None
+    #: Origins, besides the page's own, whose pages may open the stream ("*": any).
+    allow_origins: tuple = ()
+    #: At most this many viewers at once (0: no limit).
+    max_viewers: int = 0
 
     @property
     def geometry(self):
@@ -153,6 +159,72 @@ def parse_seconds(option, text, low, high):
     return value
 
 
+def parse_interface(text):
+    """An IP address to listen on, or None for every interface."""
+    import ipaddress
+    text = text.strip()
+    if not text:
+        return None
+    try:
+        return str(ipaddress.ip_address(text.strip("[]")))
+    except ValueError:
+        raise usage.UsageError(
+            f"--interface: {text!r} is not an IP address (for example 127.0.0.1 or ::1)"
+        ) from None
+
+
+def with_interface(endpoint, address):
+    """C{endpoint} (tcp: or ssl:) bound to C{address}, unless it names one already."""
+    if address is None or endpoint is None:
+        return endpoint
+    kind = endpoint.split(":", 1)[0]
+    if kind not in ("tcp", "ssl") or re.search(r"(^|:)interface=", endpoint):
+        return endpoint
+    return f"{endpoint}:interface={address.replace(':', chr(92) + ':')}"
+
+
+def parse_origins(text):
+    """Comma-separated origins (scheme://host[:port]) or *, as a tuple."""
+    origins = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item == "*":
+            origins.append(item)
+            continue
+        match = re.fullmatch(r"(https?)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:\d{1,5})?", item)
+        if not match:
+            raise usage.UsageError(
+                f"--allow-origin: {item!r} is not an origin (for example "
+                "https://example.com or http://192.168.1.5:8080)")
+        origins.append(item.lower())
+    return tuple(origins)
+
+
+def parse_count(option, text, low, high):
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise usage.UsageError(f"--{option}: {text!r} is not a whole number") from None
+    if not low <= value <= high:
+        raise usage.UsageError(f"--{option}: {value} is outside {low}..{high}")
+    return value
+
+
+def check_password_file(text):
+    """The password file's absolute path, read once now: a missing or malformed
+    file stops the daemon at start."""
+    from pistreaming.auth import PasswordFile, PasswordFileError
+    try:
+        users = PasswordFile(text).users()
+    except PasswordFileError as e:
+        raise usage.UsageError(f"--passwd: {e}") from None
+    if not users:
+        raise usage.UsageError(
+            f"--passwd: {text} has no users; add one with: pistream-passwd {text} NAME")
+    return os.path.abspath(text)
+
+
 def parse_endpoint(option, text):
     """A server endpoint string, checked for form (binding is tried at start-up)."""
     from twisted.internet.endpoints import serverFromString
@@ -165,6 +237,14 @@ def parse_endpoint(option, text):
     except (ValueError, TypeError, KeyError, IndexError) as e:
         raise usage.UsageError(
             f"--{option}: {text!r} is not a server endpoint (for example tcp:8082): {e}"
+        ) from None
+    except OSError as e:  # ssl: a certificate or key file that cannot be read
+        raise usage.UsageError(
+            f"--{option}: {text!r}: {e.filename or 'a file'}: {e.strerror.lower()}"
+        ) from None
+    except Exception as e:  # ssl: a file that is no certificate or key (OpenSSL says)
+        raise usage.UsageError(
+            f"--{option}: {text!r}: the certificate or key cannot be used ({e})"
         ) from None
     return text
 
@@ -297,6 +377,16 @@ class Options(usage.Options):
          "(1s) or bytes (256k)."],
         ["viewer-timeout", None, "10",
          "Seconds a viewer may take nothing before it is closed."],
+        ["interface", None, "",
+         "Listen on this IP address only (127.0.0.1, ::1, a LAN address); "
+         "by default every interface.  Endpoints that name an interface keep it."],
+        ["passwd", None, None,
+         "A password file (made with pistream-passwd): the page, the player, the "
+         "stats and the stream then need a user name and password."],
+        ["allow-origin", None, "",
+         "Other origins whose pages may open the stream, comma-separated "
+         "(https://example.com); * allows any.  The page's own always may."],
+        ["max-viewers", None, "0", "At most this many viewers at once; 0: no limit."],
     ]
 
     compData = usage.Completions(
@@ -310,9 +400,10 @@ class Options(usage.Options):
         vflip, hflip = parse_flips(self["rotation"], bool(self["vflip"]), bool(self["hflip"]))
         ffmpeg = find_ffmpeg(self["ffmpeg"])
         annotate, font = parse_annotation(self["annotate"], ffmpeg)
+        interface = parse_interface(self["interface"])
         self.config = Config(
-            http=parse_endpoint("http", self["http"]),
-            ws=parse_ws_port(self["ws-port"]),
+            http=with_interface(parse_endpoint("http", self["http"]), interface),
+            ws=with_interface(parse_ws_port(self["ws-port"]), interface),
             width=width,
             height=height,
             framerate=parse_framerate(self["framerate"]),
@@ -327,4 +418,7 @@ class Options(usage.Options):
             bgcolor=parse_colour("bgcolor", self["bgcolor"]),
             backlog=parse_backlog(self["backlog"]),
             viewer_timeout=parse_seconds("viewer-timeout", self["viewer-timeout"], 1, 3600),
+            passwd=check_password_file(self["passwd"]) if self["passwd"] else None,
+            allow_origins=parse_origins(self["allow-origin"]),
+            max_viewers=parse_count("max-viewers", self["max-viewers"], 0, 100_000),
         )

@@ -54,7 +54,15 @@ class Pistream(service.MultiService):
             self.camera = CameraService(source, geometry.frame_size, self.encoder.feed, reactor,
                                         on_state=self._camera_state)
         self.camera_reason = why
-        self.site = make_site(config, self.factory, stats=self.stats, player=player)
+        self.authenticator = None
+        if config.passwd:
+            from pistreaming.auth import Authenticator, PasswordFile
+            self.authenticator = Authenticator(PasswordFile(config.passwd), reactor)
+        self.factory.authenticator = self.authenticator
+        self.factory.allow_origins = config.allow_origins
+        self.factory.max_viewers = config.max_viewers
+        self.site = make_site(config, self.factory, stats=self.stats, player=player,
+                              authenticator=self.authenticator, reactor=reactor)
 
         # Listening ports first: a port that cannot be bound stops start-up.
         self.http = strports.service(config.http, self.site, reactor=reactor)

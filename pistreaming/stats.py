@@ -161,9 +161,11 @@ class Stats(service.Service):
                 "bytes_sent": factory.bytes_sent,
                 "bytes_discarded": factory.bytes_discarded,
                 "skips": factory.skips,
+                "turned_away": factory.turned_away,
                 "backlog_limit": factory.backlog_limit,
             },
             "viewers": {
+                "max": factory.max_viewers or None,
                 "count": len(factory.viewers),
                 "total": factory.viewers_total,
                 "list": factory.describe(),

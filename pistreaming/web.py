@@ -8,22 +8,39 @@ Routes (anything else is 404; methods other than GET and HEAD are 405):
     /pistream.js   the page's own script
     /pistream.css  the page's style
     /stream        the WebSocket stream (same as the separate WebSocket port)
+    /theme.css     the page's colours (from the options)
     /stats.json    the daemon's figures (pistreaming.stats), as JSON
     /metrics       the same figures in the Prometheus text format
+
+With --passwd, all of them (the stream too) stand behind pistreaming.auth's
+Gate.  Every response names no server version and carries a restrictive
+Content-Security-Policy and nosniff; requests must be whole within
+REQUEST_DEADLINE seconds and idle connections close after IDLE_TIMEOUT.
 """
 
+import gzip
+import hashlib
 import html
 import json
 import os
+import re
 from string import Template
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.web import resource, server
+from twisted.logger import Logger
+from twisted.web import http, resource, server
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PLAYER = os.path.join(STATIC, "jsmpg.js")
 
 STREAM_PATH = "stream"
+
+#: Seconds a request (its line, headers and any body) may take to arrive.
+REQUEST_DEADLINE = 10
+#: Seconds an idle connection (keep-alive, between requests) stays open.
+IDLE_TIMEOUT = 60
+
+log = Logger()
 
 
 class PlayerMissing(Exception):
@@ -59,23 +76,38 @@ class GetOnly(resource.Resource):
 
 
 class StaticBytes(GetOnly):
-    """One fixed document.  GET and HEAD only; no children (so no listings)."""
+    """One fixed document.  GET and HEAD only; no children (so no listings).
+
+    It carries an ETag (a browser that has it gets 304), and is sent gzipped
+    to browsers that accept it when that is smaller (the player script is
+    125 KB, a third of that compressed: it matters on a phone's wifi)."""
 
     def __init__(self, body, content_type):
         super().__init__()
         self.body = body
         self.content_type = content_type
+        self.etag = b'"' + hashlib.sha256(body).hexdigest()[:32].encode() + b'"'
+        packed = gzip.compress(body, 9, mtime=0)
+        self.gzipped = packed if len(packed) < len(body) * 0.9 else None
 
     def render_GET(self, request):
         request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"cache-control", b"no-cache")
-        return self.body
+        request.setHeader(b"etag", self.etag)
+        body = self.body
+        if self.gzipped is not None:
+            request.setHeader(b"vary", b"Accept-Encoding")
+            accepted = request.getHeader(b"accept-encoding") or b""
+            if re.search(rb"(^|[\s,])gzip($|[\s,;])", accepted) and b"gzip;q=0" not in accepted:
+                request.setHeader(b"content-encoding", b"gzip")
+                body = self.gzipped
+        if request.setETag(self.etag) == http.CACHED:
+            return b""  # 304 Not Modified
+        request.setHeader(b"content-length", b"%d" % len(body))
+        return b"" if request.method == b"HEAD" else body
 
-    def render_HEAD(self, request):
-        # The same headers as GET, Content-Length included, and no body.
-        self.render_GET(request)
-        request.setHeader(b"content-length", b"%d" % len(self.body))
-        return b""
+    # The same headers as GET, Content-Length included, and no body.
+    render_HEAD = render_GET
 
 
 class LiveDocument(GetOnly):
@@ -149,7 +181,77 @@ class Request(server.Request):
     def render(self, resrc):
         self.setHeader(b"server", b"pistream")
         self.setHeader(b"x-content-type-options", b"nosniff")
+        self.setHeader(b"referrer-policy", b"no-referrer")
+        self.setHeader(b"content-security-policy", content_security_policy(
+            self.getHeader(b"host")))
         super().render(resrc)
+
+
+_HOST = re.compile(rb"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
+
+
+def content_security_policy(host):
+    """Only this site's own scripts, styles, images and stream; WebAssembly
+    for the player's decoder; no frames, no forms, no plugins."""
+    connect = b"'self'"
+    if host and _HOST.match(host):
+        # Older browsers do not count ws: and wss: to this host as 'self'.
+        connect += b" ws://" + host + b" wss://" + host
+    return (b"default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; "
+            b"style-src 'self'; img-src 'self' data:; connect-src " + connect + b"; "
+            b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class Channel(http.HTTPChannel):
+    """An HTTP connection whose requests must arrive whole within
+    REQUEST_DEADLINE seconds (a slow-loris client is cut off), on top of
+    the idle timeout the Site sets."""
+
+    request_deadline = REQUEST_DEADLINE
+    _deadline = None
+
+    def lineReceived(self, line):
+        if self._deadline is None:
+            self._deadline = self.callLater(self.request_deadline, self._too_slow)
+        return super().lineReceived(line)
+
+    def allHeadersReceived(self):
+        # Nothing here takes a request body: one is refused at once, not
+        # read (a client cannot make the daemon store it).
+        headers = self.requests[-1].requestHeaders
+        length = headers.getRawHeaders(b"content-length", [b"0"])[-1].strip()
+        if headers.hasHeader(b"transfer-encoding") or length not in (b"0", b""):
+            self._refuse(b"413 Content Too Large")
+            return
+        return super().allHeadersReceived()
+
+    def allContentReceived(self):
+        self._cancel_deadline()
+        return super().allContentReceived()
+
+    def connectionLost(self, reason):
+        self._cancel_deadline()
+        return super().connectionLost(reason)
+
+    def _cancel_deadline(self):
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self):
+        self._deadline = None
+        peer = self.transport.getPeer()
+        log.info("HTTP client {address} did not send its request within {seconds}s; "
+                 "closing", address=getattr(peer, "host", peer), seconds=self.request_deadline)
+        self._refuse(b"408 Request Timeout")
+
+    def _refuse(self, status):
+        self._cancel_deadline()
+        self.transport.write(b"HTTP/1.1 " + status + b"\r\nConnection: close\r\n"
+                             b"Content-Length: 0\r\n\r\n")
+        self.dataReceived = lambda data: None  # whatever else comes is ignored
+        self.transport.loseConnection()
 
 
 def render_page(template, config):
@@ -157,16 +259,20 @@ def render_page(template, config):
         "width": str(config.width),
         "height": str(config.height),
         "stream": STREAM_PATH,
-        "color": config.color,
-        "bgcolor": config.bgcolor,
     }
     escaped = {k: html.escape(v, quote=True) for k, v in values.items()}
     return Template(template).substitute(escaped).encode("utf-8")
 
 
-def make_site(config, stream_factory, stats=None, player=None):
+def render_theme(config):
+    # The colours were checked by the options: #rgb, #rrggbb or a name.
+    return (f":root {{ --fg: {config.color}; --bg: {config.bgcolor}; }}\n").encode("ascii")
+
+
+def make_site(config, stream_factory, stats=None, player=None, authenticator=None, reactor=None):
     """The Site for C{config}; C{stream_factory} serves /stream and C{stats}
-    (a L{pistreaming.stats.Stats}) /stats.json and /metrics."""
+    (a L{pistreaming.stats.Stats}) /stats.json and /metrics.  With an
+    C{authenticator} (pistreaming.auth), all of it needs credentials."""
     if player is None:
         player = read_player()
     template = read_static("index.html").decode("utf-8")
@@ -175,12 +281,18 @@ def make_site(config, stream_factory, stats=None, player=None):
         b"jsmpg.js": StaticBytes(player, b"text/javascript; charset=utf-8"),
         b"pistream.js": StaticBytes(read_static("pistream.js"), b"text/javascript; charset=utf-8"),
         b"pistream.css": StaticBytes(read_static("pistream.css"), b"text/css; charset=utf-8"),
+        b"theme.css": StaticBytes(render_theme(config), b"text/css; charset=utf-8"),
     }
     if stats is not None:
         pages[b"stats.json"] = LiveDocument(stats_json(stats), b"application/json")
         pages[b"metrics"] = LiveDocument(*metrics_text(stats))
     root = Root(pages, WebSocketResource(stream_factory))
-    site = server.Site(root)
+    if authenticator is not None:
+        from pistreaming.auth import Gate
+        root = Gate(root, authenticator)
+    kwargs = {"reactor": reactor} if reactor is not None else {}
+    site = server.Site(root, timeout=IDLE_TIMEOUT, **kwargs)
+    site.protocol = Channel
     site.requestFactory = Request
     site.displayTracebacks = False
     return site

@@ -35,7 +35,7 @@ def open_page(browser, url, **context):
 
 
 def wait_for_pictures(page, more_than, timeout=15_000):
-    page.wait_for_function(f"window.pistream && window.pistream.frames > {more_than}",
+    page.wait_for_function(f"() => window.pistream && window.pistream.frames > {more_than}",
                            timeout=timeout)
 
 
@@ -47,6 +47,8 @@ def test_the_page_shows_a_live_picture_that_changes(browser):
             assert page.locator("#status").inner_text() in ("connecting\u2026", "")
             wait_for_pictures(page, 10)
             assert page.locator("#status").is_hidden()
+            # JSMpeg's WebAssembly decoder takes over (the page's policy allows it)
+            page.wait_for_function("() => window.pistream.decoder === 'wasm'", timeout=10_000)
             state = page.evaluate("({w: window.pistream.width, h: window.pistream.height,"
                                   " cw: document.getElementById('video').width,"
                                   " url: window.pistream.url})")
@@ -54,7 +56,7 @@ def test_the_page_shows_a_live_picture_that_changes(browser):
             assert state["url"] == f"ws://127.0.0.1:{daemon.http_port}/stream"
             canvas = page.locator("#video")
             first = picture(canvas.screenshot())
-            page.wait_for_function("window.pistream.frames > %d"
+            page.wait_for_function("() => window.pistream.frames > %d"
                                    % (page.evaluate("window.pistream.frames") + 12))
             second = picture(canvas.screenshot())
         finally:
@@ -114,7 +116,7 @@ def test_the_page_comes_back_by_itself_after_the_daemon_restarts(browser):
     finally:
         first.stop()
     try:
-        page.wait_for_function("window.pistream.state !== 'playing'", timeout=5_000)
+        page.wait_for_function("() => window.pistream.state !== 'playing'", timeout=5_000)
         assert page.locator("#status").inner_text() == "reconnecting\u2026"
         before = page.evaluate("window.pistream.frames")
         second = restart_on(port)
@@ -157,13 +159,13 @@ def test_a_camera_that_stops_is_shown_as_unavailable_then_comes_back(browser):
             wait_for_pictures(page, 5)
             # 2 s of frames, then nothing: after the stall timeout the daemon
             # says so, and the page shows it instead of a frozen picture.
-            page.wait_for_function("window.pistream.camera === 'unavailable'", timeout=15_000)
+            page.wait_for_function("() => window.pistream.camera === 'unavailable'", timeout=15_000)
             assert page.locator("#status").inner_text() == "camera unavailable\u2026"
             assert page.evaluate("document.body.classList.contains('stale')")
             daemon.wait_for(r"camera picamera: no frame for [\d.]+s; retrying in 1.0s", 5)
             # The camera is opened again and delivers: the picture is live again.
-            page.wait_for_function("window.pistream.camera === 'ok'", timeout=15_000)
-            page.wait_for_function("window.pistream.state === 'playing'", timeout=5_000)
+            page.wait_for_function("() => window.pistream.camera === 'ok'", timeout=15_000)
+            page.wait_for_function("() => window.pistream.state === 'playing'", timeout=5_000)
             assert page.locator("#status").is_hidden()
         finally:
             ctx.close()
@@ -178,11 +180,11 @@ def test_the_overlay_shows_rate_bit_rate_and_viewers(browser):
             page.keyboard.press("s")
             overlay = page.locator("#overlay")
             page.wait_for_function(
-                "/fps/.test(document.getElementById('overlay').textContent) && "
+                "() => /fps/.test(document.getElementById('overlay').textContent) && "
                 "window.pistream.viewers === 1", timeout=5_000)
             # once two seconds of pictures are in its window, about 24 fps
             page.wait_for_function(
-                "parseFloat(document.getElementById('overlay').textContent"
+                "() => parseFloat(document.getElementById('overlay').textContent"
                 ".split('\\n')[1]) >= 20", timeout=10_000)
             lines = overlay.inner_text().splitlines()
             assert lines[0] == "640\u00d7480"
@@ -192,5 +194,50 @@ def test_the_overlay_shows_rate_bit_rate_and_viewers(browser):
             assert lines[3] == "1 viewer"
             page.keyboard.press("s")
             assert overlay.is_hidden()
+        finally:
+            ctx.close()
+
+
+def test_past_max_viewers_the_page_says_the_camera_is_busy(browser):
+    import websocket
+    with Daemon("--max-viewers", "1") as daemon:
+        first = websocket.create_connection(f"ws://127.0.0.1:{daemon.http_port}/stream",
+                                            timeout=10)
+        try:
+            ctx, page = open_page(browser, daemon.base_url)
+            try:
+                page.wait_for_function(
+                    "() => document.getElementById('status').textContent.startsWith('camera busy')",
+                    timeout=10_000)
+                assert page.locator("#status").inner_text() == \
+                    "camera busy: too many viewers (1 at most)\u2026"
+            finally:
+                ctx.close()
+        finally:
+            first.close()
+
+
+def test_with_a_password_the_browser_asks_once_and_plays(browser, tmp_path):
+    import subprocess
+    import sys
+    from tests.daemon import ROOT
+    path = tmp_path / "passwd"
+    subprocess.run([sys.executable, "-m", "pistreaming.passwd", "--stdin", str(path), "ann"],
+                   input="pw for ann\n", text=True, check=True, timeout=60,
+                   env=dict(os.environ, PYTHONPATH=ROOT))
+    with Daemon("--passwd", str(path)) as daemon:
+        # The browser sends the credentials the person typed for the page with
+        # every request of the page, the WebSocket handshake included.
+        ctx, page = open_page(browser, daemon.base_url,
+                              http_credentials={"username": "ann", "password": "pw for ann"})
+        try:
+            wait_for_pictures(page, 10)
+        finally:
+            ctx.close()
+        ctx = browser.new_context(http_credentials={"username": "ann", "password": "wrong"})
+        try:
+            page = ctx.new_page()
+            response = page.goto(daemon.base_url + "index.html")
+            assert response.status == 401
         finally:
             ctx.close()

@@ -39,7 +39,7 @@ def test_the_page_carries_the_stream_and_its_size(daemon):
     assert 'data-stream="stream"' in page
     assert 'data-width="800" data-height="600"' in page
     assert '<canvas id="video" width="800" height="600"' in page
-    assert "--fg: #abcdef; --bg: #101010;" in page
+    assert '<link rel="stylesheet" href="theme.css">' in page
     assert '<script src="jsmpg.js" defer></script>' in page
     assert '<script src="pistream.js"></script>' in page
     assert "$" not in page  # every placeholder was filled
@@ -52,6 +52,13 @@ def test_the_player_is_the_jsmpeg_build_from_npm(daemon):
     with open(os.path.join(STATIC, "jsmpg.js"), "rb") as f:
         assert body == f.read()
     assert b"JSMpeg" in body and len(body) > 50_000
+
+
+def test_the_theme_carries_the_colours(daemon):
+    response, body = request(daemon, "GET", "/theme.css")
+    assert response.status == 200
+    assert response.getheader("Content-Type").startswith("text/css")
+    assert body == b":root { --fg: #abcdef; --bg: #101010; }\n"
 
 
 @pytest.mark.parametrize("path,kind", [("/pistream.js", "text/javascript"),
@@ -76,8 +83,12 @@ def test_head_answers_like_get_without_the_body(daemon, path):
 
 @pytest.mark.parametrize("path", [
     "/nope", "/index.htm", "/static/", "/static/index.html", "/index.html/x",
-    "/jsmpg.js/", "/../setup.py", "/%2e%2e/setup.py", "//index.html",
-    "/stream/x", "/favicon.ico",
+    "/jsmpg.js/", "//index.html", "/stream/x", "/favicon.ico",
+    # no file outside the page's directory, in any spelling
+    "/../setup.py", "/%2e%2e/setup.py", "/%2E%2E/%2E%2E/etc/passwd", "/%252e%252e/setup.py",
+    "/..%2fsetup.py", "/..%5csetup.py", "/..\\setup.py", "/static/..%2f..%2fsetup.py",
+    "/./index.html/..", "/%2e/pistream.js", "/pistream.js%00.css", "/....//setup.py",
+    "/static/../../pistreaming/web.py", "/jsmpg.js/../../../etc/passwd",
 ])
 def test_anything_else_is_404(daemon, path):
     response, body = request(daemon, "GET", path)
@@ -88,15 +99,49 @@ def test_anything_else_is_404(daemon, path):
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"])
 @pytest.mark.parametrize("path", ["/", "/index.html", "/jsmpg.js"])
 def test_other_methods_get_405_with_allow(daemon, method, path):
-    response, _ = request(daemon, method, path, body=b"x" if method != "OPTIONS" else None)
+    response, _ = request(daemon, method, path)
     assert response.status == 405
     assert sorted(m.strip() for m in response.getheader("Allow").split(",")) == ["GET", "HEAD"]
 
 
-def test_no_server_version_and_no_sniffing(daemon):
+@pytest.mark.parametrize("method", ["POST", "GET"])
+def test_a_request_body_is_refused_unread(daemon, method):
+    response, _ = request(daemon, method, "/index.html", body=b"x" * 5000)
+    assert response.status == 413
+    assert response.getheader("Connection") == "close"
+
+
+def test_no_server_version_no_sniffing_and_a_strict_content_policy(daemon):
     response, _ = request(daemon, "GET", "/index.html")
     assert response.getheader("Server") == "pistream"
     assert response.getheader("X-Content-Type-Options") == "nosniff"
+    policy = dict(part.strip().split(" ", 1)
+                  for part in response.getheader("Content-Security-Policy").split(";"))
+    assert policy["default-src"] == "'none'"
+    assert policy["script-src"] == "'self' 'wasm-unsafe-eval'"
+    assert policy["style-src"] == "'self'"  # no inline style: the colours are theme.css
+    assert policy["frame-ancestors"] == "'none'"
+    host = f"127.0.0.1:{daemon.http_port}"
+    assert policy["connect-src"] == f"'self' ws://{host} wss://{host}"
+
+
+def test_a_strange_host_header_is_left_out_of_the_policy(daemon):
+    response, _ = request(daemon, "GET", "/index.html", headers={"Host": "x\" y"})
+    assert "connect-src 'self';" in response.getheader("Content-Security-Policy")
+
+
+def test_the_player_comes_gzipped_with_an_etag_and_is_not_sent_twice(daemon):
+    import gzip
+    plain, body = request(daemon, "GET", "/jsmpg.js")
+    packed, packed_body = request(daemon, "GET", "/jsmpg.js", headers={"Accept-Encoding": "gzip"})
+    assert plain.getheader("Content-Encoding") is None
+    assert packed.getheader("Content-Encoding") == "gzip"
+    assert packed.getheader("Vary") == "Accept-Encoding"
+    assert gzip.decompress(packed_body) == body and len(packed_body) < len(body) / 2
+    etag = plain.getheader("ETag")
+    assert etag and packed.getheader("ETag") == etag
+    again, again_body = request(daemon, "GET", "/jsmpg.js", headers={"If-None-Match": etag})
+    assert again.status == 304 and again_body == b""
 
 
 def test_a_plain_get_of_the_stream_is_refused_with_an_http_error(daemon):

@@ -57,6 +57,28 @@ def test_every_option_is_taken():
     )
 
 
+@pytest.mark.parametrize("args,http,ws", [
+    ((), "tcp:8082", "tcp:8084"),  # every interface: reachable on the LAN
+    (("--interface", "127.0.0.1"), "tcp:8082:interface=127.0.0.1",
+     "tcp:8084:interface=127.0.0.1"),
+    (("--interface", "::1"), r"tcp:8082:interface=\:\:1", r"tcp:8084:interface=\:\:1"),
+    (("--interface", "192.168.1.5", "--http", "tcp:80:interface=10.0.0.1", "--ws-port", "off"),
+     "tcp:80:interface=10.0.0.1", None),
+])
+def test_interface_binds_the_ports_that_name_none(args, http, ws):
+    config = parse(*args)
+    assert (config.http, config.ws) == (http, ws)
+
+
+def test_security_options():
+    config = parse("--allow-origin", "https://Friend.example, http://10.0.0.2:8080",
+                   "--max-viewers", "12")
+    assert config.allow_origins == ("https://friend.example", "http://10.0.0.2:8080")
+    assert config.max_viewers == 12
+    assert parse().allow_origins == () and parse().max_viewers == 0
+    assert parse().passwd is None
+
+
 @pytest.mark.parametrize("value,bitrate,limit", [
     ("1s", "800k", 100_000), ("0.5s", "2M", 125_000), ("0.1s", "32k", 16_000),
     ("256k", "800k", 256_000), ("2M", "800k", 2_000_000), ("64000", "800k", 64_000),
@@ -99,6 +121,11 @@ def test_ws_port_forms(value, endpoint):
     (("--backlog", "1k"), "--backlog: 1k is outside 16k..64M bytes"),
     (("--viewer-timeout", "soon"), "--viewer-timeout: 'soon' is not a number of seconds"),
     (("--viewer-timeout", "0"), "--viewer-timeout: 0 is outside 1..3600 seconds"),
+    (("--interface", "localhost"), "--interface: 'localhost' is not an IP address"),
+    (("--allow-origin", "evil.example"), "--allow-origin: 'evil.example' is not an origin"),
+    (("--allow-origin", "https://x/path"), "--allow-origin: 'https://x/path' is not an origin"),
+    (("--max-viewers", "many"), "--max-viewers: 'many' is not a whole number"),
+    (("--max-viewers", "-1"), "--max-viewers: -1 is outside 0..100000"),
     (("--ffmpeg", "/nonexistent/ffmpeg"), "--ffmpeg: /nonexistent/ffmpeg is not an executable"),
     (("--ffmpeg", "no-such-ffmpeg"), "ffmpeg (no-such-ffmpeg) was not found on PATH; install it"),
 ])

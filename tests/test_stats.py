@@ -44,7 +44,7 @@ def test_the_figures_follow_what_happened():
         while stats(daemon)["broadcast"]["bytes_discarded"] == 0 and time.monotonic() < deadline:
             time.sleep(0.1)
         before = stats(daemon)
-        assert before["viewers"] == {"count": 0, "total": 0, "list": []}
+        assert before["viewers"] == {"max": None, "count": 0, "total": 0, "list": []}
         assert before["broadcast"]["bytes_sent"] == 0
         assert before["broadcast"]["bytes_discarded"] > 0  # nobody watched
 
