@@ -79,15 +79,19 @@ def draw(luma, stride, width, height, stamp):
     shape = layout(width, height)
     if shape is None:
         return False
-    columns, _ = shape
+    columns, rows = shape
     white, black = bytes([WHITE]) * BLOCK, bytes([BLACK]) * BLOCK
-    for i, bit in enumerate(stamp.bits()):
-        x = (i % columns) * BLOCK
-        y0 = (i // columns) * BLOCK
-        piece = white if bit else black
-        for y in range(y0, y0 + BLOCK):
-            start = y * stride + x
-            luma[start:start + BLOCK] = piece
+    bits = stamp.bits() + [0] * (columns * rows - BITS)
+    for row in range(rows):
+        # One line of this row of blocks, then copied into its 16 lines.
+        line = b"".join(white if bit else black
+                        for bit in bits[row * columns:(row + 1) * columns])
+        if row == rows - 1:  # the last row's unused blocks keep the picture
+            used = BITS - row * columns
+            line = line[:used * BLOCK]
+        for y in range(row * BLOCK, (row + 1) * BLOCK):
+            start = y * stride
+            luma[start:start + len(line)] = line
     return True
 
 
