@@ -7,9 +7,7 @@ import subprocess
 
 import pytest
 import websocket
-from playwright.sync_api import sync_playwright
 
-from tests.browser import launch
 from tests.daemon import Daemon
 
 
@@ -54,7 +52,12 @@ def test_page_and_stream_over_tls_on_one_port(certificate):
             plain.getresponse().read()
 
 
+@pytest.mark.browser
 def test_a_browser_on_https_plays_the_stream_over_wss(certificate):
+    from playwright.sync_api import sync_playwright
+
+    from tests.browser import launch
+
     key, cert = certificate
     with Daemon("--http", https_endpoint(key, cert), "--ws-port", "off") as daemon, \
             sync_playwright() as p:
