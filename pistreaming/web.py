@@ -86,13 +86,20 @@ class StaticBytes(GetOnly):
         super().__init__()
         self.body = body
         self.content_type = content_type
-        self.etag = b'"' + hashlib.sha256(body).hexdigest()[:32].encode() + b'"'
+        digest = hashlib.sha256(body).hexdigest()
+        self.etag = b'"' + digest[:32].encode() + b'"'
+        # The page asks for "name?v=<version>": that address names this very
+        # content, so the browser may keep it for good and not ask again.
+        self.version = digest[:16]
         packed = gzip.compress(body, 9, mtime=0)
         self.gzipped = packed if len(packed) < len(body) * 0.9 else None
 
     def render_GET(self, request):
         request.setHeader(b"content-type", self.content_type)
-        request.setHeader(b"cache-control", b"no-cache")
+        if request.args.get(b"v") == [self.version.encode()]:
+            request.setHeader(b"cache-control", b"max-age=31536000, immutable")
+        else:
+            request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"etag", self.etag)
         body = self.body
         if self.gzipped is not None:
@@ -254,12 +261,16 @@ class Channel(http.HTTPChannel):
         self.transport.loseConnection()
 
 
-def render_page(template, config):
+def render_page(template, config, versions):
+    """The page, with the stream's address and size, and the address of each
+    of its files carrying that file's version (C{versions}: template name to
+    L{StaticBytes})."""
     values = {
         "width": str(config.width),
         "height": str(config.height),
         "stream": STREAM_PATH,
     }
+    values.update({name: part.version for name, part in versions.items()})
     escaped = {k: html.escape(v, quote=True) for k, v in values.items()}
     return Template(template).substitute(escaped).encode("utf-8")
 
@@ -276,13 +287,15 @@ def make_site(config, stream_factory, stats=None, player=None, authenticator=Non
     if player is None:
         player = read_player()
     template = read_static("index.html").decode("utf-8")
-    pages = {
-        b"index.html": StaticBytes(render_page(template, config), b"text/html; charset=utf-8"),
-        b"jsmpg.js": StaticBytes(player, b"text/javascript; charset=utf-8"),
-        b"pistream.js": StaticBytes(read_static("pistream.js"), b"text/javascript; charset=utf-8"),
-        b"pistream.css": StaticBytes(read_static("pistream.css"), b"text/css; charset=utf-8"),
-        b"theme.css": StaticBytes(render_theme(config), b"text/css; charset=utf-8"),
+    parts = {
+        "jsmpg_js": StaticBytes(player, b"text/javascript; charset=utf-8"),
+        "pistream_js": StaticBytes(read_static("pistream.js"), b"text/javascript; charset=utf-8"),
+        "pistream_css": StaticBytes(read_static("pistream.css"), b"text/css; charset=utf-8"),
+        "theme_css": StaticBytes(render_theme(config), b"text/css; charset=utf-8"),
     }
+    pages = {name.replace("_", ".").encode(): part for name, part in parts.items()}
+    pages[b"index.html"] = StaticBytes(render_page(template, config, parts),
+                                       b"text/html; charset=utf-8")
     if stats is not None:
         pages[b"stats.json"] = LiveDocument(stats_json(stats), b"application/json")
         pages[b"metrics"] = LiveDocument(*metrics_text(stats))

@@ -71,6 +71,22 @@ def test_the_page_shows_a_live_picture_that_changes(browser):
     assert max(ImageStat.Stat(diff).mean) > 2, ImageStat.Stat(diff).mean
 
 
+def test_without_webassembly_the_javascript_decoder_plays(browser):
+    """A browser without WebAssembly (or one whose policy refuses it) gets
+    the picture all the same, from JSMpeg's JavaScript decoder."""
+    with Daemon("--resolution", "320x240", "--framerate", "24") as daemon:
+        ctx = browser.new_context()
+        ctx.add_init_script("delete window.WebAssembly;")
+        page = ctx.new_page()
+        try:
+            page.goto(daemon.base_url)
+            wait_for_pictures(page, 24)
+            assert page.evaluate("window.pistream.decoder") == "js"
+            assert page.evaluate("window.pistream.player.wasm") == "none"
+        finally:
+            ctx.close()
+
+
 def test_on_a_phone_the_picture_fills_the_width_and_keeps_its_aspect(browser):
     with Daemon("--resolution", "640x480") as daemon:
         ctx, page = open_page(browser, daemon.base_url + "index.html",

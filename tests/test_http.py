@@ -1,7 +1,9 @@
 """Every HTTP route of the running daemon, as a browser or curl sees it."""
 
+import hashlib
 import http.client
 import os
+import re
 
 import pytest
 
@@ -39,10 +41,29 @@ def test_the_page_carries_the_stream_and_its_size(daemon):
     assert 'data-stream="stream"' in page
     assert 'data-width="800" data-height="600"' in page
     assert '<canvas id="video" width="800" height="600"' in page
-    assert '<link rel="stylesheet" href="theme.css">' in page
-    assert '<script src="jsmpg.js" defer></script>' in page
-    assert '<script src="pistream.js"></script>' in page
+    assert re.search(r'<link rel="stylesheet" href="theme.css\?v=[0-9a-f]{16}">', page)
+    assert re.search(r'<script src="jsmpg.js\?v=[0-9a-f]{16}" defer></script>', page)
+    assert re.search(r'<script src="pistream.js\?v=[0-9a-f]{16}"></script>', page)
     assert "$" not in page  # every placeholder was filled
+
+
+def test_the_page_names_each_file_by_its_version_and_that_address_is_kept(daemon):
+    """A browser keeps the page's files for good (no request at the next
+    visit) because their addresses change when their content does; the
+    plain address, or a stale version, is revalidated every time."""
+    _, body = request(daemon, "GET", "/index.html")
+    addresses = re.findall(r'(?:src|href)="([a-z.]+)\?v=([0-9a-f]{16})"', body.decode())
+    assert sorted(name for name, _ in addresses) == [
+        "jsmpg.js", "pistream.css", "pistream.js", "theme.css"]
+    for name, version in addresses:
+        response, content = request(daemon, "GET", f"/{name}?v={version}")
+        assert response.status == 200
+        assert response.getheader("Cache-Control") == "max-age=31536000, immutable"
+        assert hashlib.sha256(content).hexdigest()[:16] == version
+        for other in (f"/{name}", f"/{name}?v=0000000000000000"):
+            response, again = request(daemon, "GET", other)
+            assert response.getheader("Cache-Control") == "no-cache"
+            assert again == content
 
 
 def test_the_player_is_the_jsmpeg_build_from_npm(daemon):

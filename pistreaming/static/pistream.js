@@ -19,7 +19,10 @@
  *
  * This script runs from the page's head: it opens the socket at once, so
  * that the connection and the first pictures arrive while the player script
- * loads and its decoder compiles.
+ * loads and its decoder compiles.  The first picture waits for the compiled
+ * (WebAssembly) decoder, for a quarter of a second at most: decoding it with
+ * the JavaScript decoder, not yet optimised by the browser, takes longer
+ * than the compiler does.
  *
  * The socket's address is relative to the page (so it works behind port
  * forwarding and proxies), wss: over https:.
@@ -30,6 +33,7 @@
   var HEADER_MAGIC = 'jsmp';
   var HIDDEN_RELEASE = 10000;   // ms hidden before the stream is let go
   var MAX_DECODES = 240;        // pictures decoded for one message, at most
+  var WASM_WAIT = 250;          // ms a new connection waits for the compiled decoder
 
   var root = document.documentElement;
   var canvas = null;
@@ -49,14 +53,15 @@
   };
 
   // The decoding machinery, once the player script has loaded.
-  var player = null;  // {renderer, wasmModule}
+  // wasm: 'compiling', 'ready' or 'none' (no WebAssembly, or it failed).
+  var player = null;  // {renderer, wasm, wasmModule}
 
   function wasmReady() { return !!(player && player.wasmModule); }
 
   function mark(name) {
     if (!(name in state.timing)) { state.timing[name] = performance.now(); }
   }
-  var connections = [];  // waiting for the player to be ready
+  var connections = [];  // waiting for the player (or its compiled decoder)
 
   function show(text) {
     state.state = text;
@@ -187,8 +192,16 @@
   }
 
   // The player is ready: wire a demuxer and decoder, take what waited.
+  // While the compiled decoder is being made, wait for it a little.
   Connection.prototype.start = function () {
-    if (this.closed) { return; }
+    if (this.closed || this.demuxer) { return; }
+    if (player.wasm === 'compiling' && !this.waitedForWasm) {
+      var self = this;
+      this.waitedForWasm = setTimeout(function () { self.start(); }, WASM_WAIT);
+      connections.push(this);
+      return;
+    }
+    clearTimeout(this.waitedForWasm);
     this.demuxer = new JSMpeg.Demuxer.TS({});
     this.useDecoder(wasmReady());
     var waiting = this.waiting;
@@ -421,19 +434,27 @@
     setInterval(function () { meter.update(); }, 500);
     toggleOverlay(window.location.hash === '#stats' || remembered('pistream.overlay') === '1');
 
-    player = { renderer: makeRenderer(), wasmModule: null };
+    player = { renderer: makeRenderer(), wasm: 'none', wasmModule: null };
     state.player = player;
     mark('player');
     if (window.WebAssembly) {
-      // Compiled alongside; the connection switches over at a starting point.
+      // A connection that started without it (it waited long enough)
+      // switches over at a starting point.
+      player.wasm = 'compiling';
       var module = JSMpeg.WASMModule.GetModule();
       module.loadFromBuffer(JSMpeg.Base64ToArrayBuffer(JSMpeg.WASM_BINARY_INLINED), function () {
+        player.wasm = module.ready ? 'ready' : 'none';
         if (module.ready) {
           player.wasmModule = module;
           mark('wasm');
         }
+        startWaiting();
       });
     }
+    startWaiting();
+  }
+
+  function startWaiting() {
     var waiting = connections;
     connections = [];
     for (var i = 0; i < waiting.length; i++) { waiting[i].start(); }
