@@ -87,6 +87,61 @@ def test_without_webassembly_the_javascript_decoder_plays(browser):
             ctx.close()
 
 
+# The test pattern's bars, left to right, as which of red, green and blue
+# stand out in each.
+BARS = [("red",), ("blue",), ("green",), ("red", "blue"), ("red", "green"), ("green", "blue")]
+
+BAR_COLOURS = """() => {
+  const canvas = document.getElementById('video');
+  const w = canvas.width, h = canvas.height;
+  const data = canvas.getContext('2d').getImageData(0, 0, w, h).data;
+  const median = (v) => v.sort((a, b) => a - b)[v.length >> 1];
+  const bars = [];
+  for (let bar = 0; bar < 6; bar++) {
+    const r = [], g = [], b = [];
+    for (let y = Math.round(h * 0.3); y < h * 0.75; y += 2) {
+      for (let x = Math.round((bar + 0.25) * w / 6); x < (bar + 0.75) * w / 6; x += 2) {
+        const o = (y * w + x) * 4;
+        r.push(data[o]); g.push(data[o + 1]); b.push(data[o + 2]);
+      }
+    }
+    bars.push([median(r), median(g), median(b)]);
+  }
+  return bars;
+}"""
+
+
+def standing_out(rgb):
+    names = ("red", "green", "blue")
+    low = min(rgb)
+    return tuple(n for n, v in zip(names, rgb) if v - low > 60)
+
+
+@pytest.mark.parametrize("init,renderer", [
+    ("", "canvas2d (VideoFrame)"),
+    ("delete window.VideoFrame;", "canvas2d"),  # JSMpeg's renderer
+])
+def test_the_2d_canvas_shows_the_colours_right(browser, init, renderer):
+    """Without a GPU the page draws with the 2D canvas: the browser converts
+    the decoder's planes (WebCodecs' VideoFrame), or, where it cannot,
+    JSMpeg's renderer does; either way the bars come out in their colours
+    (the chroma planes in their places)."""
+    with Daemon("--resolution", "640x480") as daemon:
+        ctx = browser.new_context()
+        if init:
+            ctx.add_init_script(init)
+        page = ctx.new_page()
+        try:
+            page.goto(daemon.base_url)
+            wait_for_pictures(page, 10)
+            assert page.evaluate("window.pistream.renderer").split(" (software")[0] == renderer
+            bars = page.evaluate(BAR_COLOURS)
+        finally:
+            ctx.close()
+    assert [standing_out(rgb) for rgb in bars] == [tuple(sorted(
+        names, key=("red", "green", "blue").index)) for names in BARS], bars
+
+
 def test_on_a_phone_the_picture_fills_the_width_and_keeps_its_aspect(browser):
     with Daemon("--resolution", "640x480") as daemon:
         ctx, page = open_page(browser, daemon.base_url + "index.html",

@@ -125,8 +125,68 @@
         canvas = fresh;
       } catch (e) { /* the 2D canvas, then */ }
     }
-    state.renderer = software ? 'canvas2d (software WebGL: ' + software + ')' : 'canvas2d';
-    return new JSMpeg.Renderer.Canvas2D({ canvas: canvas });
+    var canvas2d = window.VideoFrame ? new FrameRenderer(canvas) : null;
+    state.renderer = (canvas2d ? 'canvas2d (VideoFrame)' : 'canvas2d') +
+      (software ? ' (software WebGL: ' + software + ')' : '');
+    return canvas2d || new JSMpeg.Renderer.Canvas2D({ canvas: canvas });
+  }
+
+  // The 2D canvas, with the browser turning the decoder's YCbCr planes into
+  // colour (a WebCodecs VideoFrame drawn on the canvas): native code, where
+  // JSMpeg's Canvas2D renderer converts every pixel in JavaScript (tens of
+  // milliseconds for a first picture, before the browser has optimised it).
+  // Should the browser refuse, JSMpeg's renderer takes over.
+  function FrameRenderer(element) {
+    this.canvas = element;
+    this.context = element.getContext('2d');
+    this.width = element.width;
+    this.height = element.height;
+    this.planes = null;
+    this.fallback = null;
+  }
+
+  FrameRenderer.prototype.resize = function (width, height) {
+    this.width = width | 0;
+    this.height = height | 0;
+    this.canvas.width = this.width;
+    this.canvas.height = this.height;
+    // The decoder's planes are whole macroblocks: 16 pixels a side.
+    this.codedWidth = (this.width + 15) >> 4 << 4;
+    this.codedHeight = (this.height + 15) >> 4 << 4;
+    this.planes = new Uint8Array(this.codedWidth * this.codedHeight * 3 / 2);
+    if (this.fallback) { this.fallback.resize(width, height); }
+  };
+
+  // JSMpeg's decoders hand over (Y, Cr, Cb); I420 is Y, then Cb (U), then Cr (V).
+  FrameRenderer.prototype.render = function (y, cr, cb, clamped) {
+    if (this.fallback) { this.fallback.render(y, cr, cb, clamped); return; }
+    var luma = this.codedWidth * this.codedHeight;
+    var frame = null;
+    try {
+      this.planes.set(bytes(y, luma), 0);
+      this.planes.set(bytes(cb, luma >> 2), luma);
+      this.planes.set(bytes(cr, luma >> 2), luma + (luma >> 2));
+      frame = new VideoFrame(this.planes, {
+        format: 'I420', codedWidth: this.codedWidth, codedHeight: this.codedHeight,
+        visibleRect: { x: 0, y: 0, width: this.width, height: this.height },
+        timestamp: 0
+      });
+      this.context.drawImage(frame, 0, 0, this.width, this.height);
+    } catch (e) {
+      this.fallback = new JSMpeg.Renderer.Canvas2D({ canvas: this.canvas });
+      this.fallback.resize(this.width, this.height);
+      state.renderer = state.renderer.replace('(VideoFrame)', '(JavaScript)');
+      this.fallback.render(y, cr, cb, clamped);
+    } finally {
+      if (frame) { frame.close(); }
+    }
+  };
+
+  FrameRenderer.prototype.destroy = function () {};
+
+  // The first C{length} bytes of a plane, as plain bytes (a straight copy).
+  function bytes(plane, length) {
+    return new Uint8Array(plane.buffer, plane.byteOffset, length);
   }
 
   // The newest decoded picture waits here for the next animation frame.
