@@ -280,7 +280,7 @@ class Gate(resource.Resource):
         self.root = root
 
     def _guarded(self, request):
-        address = _address(request)
+        address = address_of(request.getClientAddress())
         what = request.uri.decode("ascii", "replace")[:200]
         d = self.authenticator.authenticate(
             request.getHeader(b"authorization"), address, what,
@@ -321,6 +321,7 @@ class Unauthorized(resource.Resource):
         return b"" if request.method == b"HEAD" else body
 
 
-def _address(request):
-    peer = request.getClientAddress()
+def address_of(peer):
+    """The host of a Twisted address (IPv4Address, IPv6Address; anything else
+    as text): what failures are counted by and logs name."""
     return getattr(peer, "host", str(peer))

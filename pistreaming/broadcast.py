@@ -29,13 +29,13 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.interfaces import ISSLTransport
 from twisted.application import service
 from twisted.internet import defer, task, tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pistreaming.auth import address_of
 from pistreaming.mpegts import Chunk
 
 #: Viewers never need to send anything; anything bigger than this is refused.
@@ -239,7 +239,7 @@ class Viewer:
         }
 
 
-def origin_matches_host(origin, host, secure):
+def origin_matches_host(origin, host):
     """Whether a browser's Origin header names the same site as the Host
     header of the request (the page's own origin).  A port is compared when
     either side gives one; the scheme only sets the default port."""
@@ -274,7 +274,7 @@ class ViewerProtocol(WebSocketServerProtocol):
         factory = self.factory
         origin = request.headers.get("origin")
         if origin is not None and not factory.origin_allowed(
-                origin, request.headers.get("host", ""), ISSLTransport.providedBy(self.transport)):
+                origin, request.headers.get("host", "")):
             log.warn("viewer {peer}: refused a page from {origin} (not this site's origin "
                      "nor in --allow-origin)", peer=self.peer, origin=origin[:200])
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
@@ -284,7 +284,7 @@ class ViewerProtocol(WebSocketServerProtocol):
             return protocol
         authorization = request.headers.get("authorization", "").encode("latin-1", "replace")
         d = factory.authenticator.authenticate(
-            authorization, _host_of(self.peer), "the stream")
+            authorization, address_of(self.transport.getPeer()), "the stream")
 
         def refused(failure):
             failure.trap(UnauthorizedLogin)
@@ -319,13 +319,6 @@ class ViewerProtocol(WebSocketServerProtocol):
 
     def onClose(self, wasClean, code, reason):
         self.factory.remove_viewer(self)
-
-
-def _host_of(peer):
-    # Autobahn's peer: "tcp4:1.2.3.4:5678" or "tcp6:[::1]:5678"
-    body = peer.split(":", 1)[1] if ":" in peer else peer
-    host = body.rsplit(":", 1)[0]
-    return host.strip("[]")
 
 
 class StreamFactory(WebSocketServerFactory):
@@ -380,10 +373,10 @@ class StreamFactory(WebSocketServerFactory):
         self.viewers_total = 0
         self.turned_away = 0
 
-    def origin_allowed(self, origin, host, secure):
+    def origin_allowed(self, origin, host):
         if "*" in self.allow_origins or origin.lower() in self.allow_origins:
             return True
-        return origin_matches_host(origin, host, secure)
+        return origin_matches_host(origin, host)
 
     # viewers
     def add_viewer(self, protocol):

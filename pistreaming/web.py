@@ -30,6 +30,8 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
+from pistreaming.auth import Gate, address_of
+
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 PLAYER = os.path.join(STATIC, "jsmpg.js")
 
@@ -248,9 +250,9 @@ class Channel(http.HTTPChannel):
 
     def _too_slow(self):
         self._deadline = None
-        peer = self.transport.getPeer()
         log.info("HTTP client {address} did not send its request within {seconds}s; "
-                 "closing", address=getattr(peer, "host", peer), seconds=self.request_deadline)
+                 "closing", address=address_of(self.transport.getPeer()),
+                 seconds=self.request_deadline)
         self._refuse(b"408 Request Timeout")
 
     def _refuse(self, status):
@@ -301,7 +303,6 @@ def make_site(config, stream_factory, stats=None, player=None, authenticator=Non
         pages[b"metrics"] = LiveDocument(*metrics_text(stats))
     root = Root(pages, WebSocketResource(stream_factory))
     if authenticator is not None:
-        from pistreaming.auth import Gate
         root = Gate(root, authenticator)
     kwargs = {"reactor": reactor} if reactor is not None else {}
     site = server.Site(root, timeout=IDLE_TIMEOUT, **kwargs)

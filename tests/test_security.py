@@ -189,7 +189,7 @@ def test_failures_are_logged_with_the_address_and_slowed_down(password_file):
     ("http://[::1]:8082", "[::1]:8082", True),
 ])
 def test_an_origin_is_the_pages_own_when_host_and_port_agree(origin, host, ok):
-    assert origin_matches_host(origin, host, False) is ok
+    assert origin_matches_host(origin, host) is ok
 
 
 def test_pages_of_other_sites_cannot_open_the_stream():
