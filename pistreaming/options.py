@@ -36,6 +36,9 @@ ROTATIONS = ("0", "180")
 MIN_SIDE, MAX_SIDE = 32, 4095  # MPEG-1 allows at most 4095 pixels a side
 MIN_BITRATE, MAX_BITRATE = 32_000, 50_000_000
 
+#: What the size suffixes of --bitrate and --backlog multiply by.
+SCALE = {"": 1, "k": 1_000, "m": 1_000_000}
+
 _COLOUR = re.compile(r"^(#[0-9a-fA-F]{3}|#[0-9a-fA-F]{6}|[a-zA-Z]{3,20})$")
 
 
@@ -119,8 +122,7 @@ def parse_bitrate(text):
         raise usage.UsageError(
             f"--bitrate: {text!r} is not a bit rate (for example 800k or 2M)"
         )
-    scale = {"": 1, "k": 1_000, "m": 1_000_000}[match.group(2).lower()]
-    bits = int(float(match.group(1)) * scale)
+    bits = int(float(match.group(1)) * SCALE[match.group(2).lower()])
     if not MIN_BITRATE <= bits <= MAX_BITRATE:
         raise usage.UsageError(
             f"--bitrate: {text} is outside {MIN_BITRATE // 1000}k..{MAX_BITRATE // 1_000_000}M"
@@ -143,7 +145,7 @@ def parse_backlog(text):
         if not 0.1 <= number <= 30:
             raise usage.UsageError(f"--backlog: {text} is outside 0.1s..30s")
         return ("seconds", number)
-    size = int(number * {"": 1, "k": 1_000, "m": 1_000_000}[unit.lower()])
+    size = int(number * SCALE[unit.lower()])
     if not MIN_BACKLOG <= size <= MAX_BACKLOG:
         raise usage.UsageError(f"--backlog: {text} is outside 16k..64M bytes")
     return ("bytes", size)
