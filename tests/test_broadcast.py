@@ -6,7 +6,7 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet import defer, endpoints, reactor, task
 from twisted.trial import unittest
 
-from pistreaming.broadcast import BroadcastService, StreamFactory
+from pistreaming.broadcast import MAX_INCOMING, BroadcastService, StreamFactory
 from pistreaming.frames import stream_header
 from pistreaming.mpegts import Chunk
 from tests.helpers import wait_until, with_timeout
@@ -116,7 +116,10 @@ class BroadcastTests(ServerCase):
     def test_what_viewers_send_is_ignored_and_big_messages_close_them(self):
         quiet, loud = yield self.connect(2)
         quiet.sendMessage(b"hello")
-        loud.sendMessage(b"x" * 100_000, isBinary=True)
+        # Twice the limit: all of it reaches the daemon before it closes, so
+        # the close frame is not lost to a reset of a connection with data
+        # still unread (which a far bigger message could provoke).
+        loud.sendMessage(b"x" * (2 * MAX_INCOMING), isBinary=True)
         yield wait_until(lambda: loud.closed is not None, 5, what="loud viewer closed")
         assert loud.closed[0] == 1009  # message too big
         self.factory.broadcast(packets(1, 2))
