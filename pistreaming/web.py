@@ -18,6 +18,7 @@ Content-Security-Policy and nosniff; requests must be whole within
 REQUEST_DEADLINE seconds and idle connections close after IDLE_TIMEOUT.
 """
 
+import base64
 import gzip
 import hashlib
 import html
@@ -62,6 +63,25 @@ def read_player():
             f"the player script {PLAYER} is missing; build it with "
             "'python setup.py build_player' (needs npm) or reinstall the package"
         ) from None
+
+
+# JSMpeg's build adds a <style> element to any page that loads it (for its
+# own video element, which this page does not use): an empty one, then its
+# rules.  The policy allows exactly those two, by hash, so the page's console
+# stays free of policy errors.
+_PLAYER_STYLE = re.compile(
+    r'document\.createElement\("style"\).{0,400}?\}\}\(("(?:[^"\\]|\\.)*")\)', re.S)
+
+
+def player_styles(player):
+    """The policy's C{style-src} hashes for the style the player script adds
+    (none if the script has no such style)."""
+    found = _PLAYER_STYLE.search(player.decode("utf-8", "replace"))
+    if not found:
+        return b""
+    rules = json.loads(found.group(1))
+    return b"".join(b" 'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()) +
+                    b"'" for text in ("", rules))
 
 
 class GetOnly(resource.Resource):
@@ -192,23 +212,29 @@ class Request(server.Request):
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.setHeader(b"referrer-policy", b"no-referrer")
         self.setHeader(b"content-security-policy", content_security_policy(
-            self.getHeader(b"host")))
+            self.getHeader(b"host"), self.site.styles))
         super().render(resrc)
 
 
 _HOST = re.compile(rb"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 
 
-def content_security_policy(host):
-    """Only this site's own scripts, styles, images and stream; WebAssembly
-    for the player's decoder; no frames, no forms, no plugins."""
+def content_security_policy(host, styles=b""):
+    """Only this site's own scripts, styles (and C{styles}: the player's,
+    see L{player_styles}), images and stream; WebAssembly for the player's
+    decoder; no frames, no forms, no plugins."""
     connect = b"'self'"
     if host and _HOST.match(host):
         # Older browsers do not count ws: and wss: to this host as 'self'.
         connect += b" ws://" + host + b" wss://" + host
     return (b"default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; "
-            b"style-src 'self'; img-src 'self' data:; connect-src " + connect + b"; "
+            b"style-src 'self'" + styles + b"; img-src 'self' data:; connect-src " + connect + b"; "
             b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+class Site(server.Site):
+    #: What the policy's style-src allows besides 'self' (L{player_styles}).
+    styles = b""
 
 
 class Channel(http.HTTPChannel):
@@ -305,7 +331,8 @@ def make_site(config, stream_factory, stats=None, player=None, authenticator=Non
     if authenticator is not None:
         root = Gate(root, authenticator)
     kwargs = {"reactor": reactor} if reactor is not None else {}
-    site = server.Site(root, timeout=IDLE_TIMEOUT, **kwargs)
+    site = Site(root, timeout=IDLE_TIMEOUT, **kwargs)
+    site.styles = player_styles(player)
     site.protocol = Channel
     site.requestFactory = Request
     site.displayTracebacks = False

@@ -6,14 +6,19 @@ by itself when the daemon restarts.
 """
 
 import os
+import signal
 import time
 
 import pytest
 from PIL import ImageChops, ImageStat
+import websocket
 from playwright.sync_api import sync_playwright
+
+from pistreaming.mpegts import PACKET, video_pes_start
 
 from tests.browser import launch, picture
 from tests.daemon import Daemon
+from tests.test_stream import ffmpeg_children, read_header
 
 BACKGROUND = (0x33, 0x33, 0x33)  # the page's default --bgcolor
 
@@ -69,6 +74,59 @@ def test_the_page_shows_a_live_picture_that_changes(browser):
     # And it moves.
     diff = ImageChops.difference(first, second)
     assert max(ImageStat.Stat(diff).mean) > 2, ImageStat.Stat(diff).mean
+
+
+def test_the_page_plays_without_an_error_or_warning_in_its_console(browser):
+    """Nothing for a person who opens the browser's console to worry about:
+    no script error, and no policy violation (the player script's own style
+    is allowed by its hash, nothing else is inline)."""
+    with Daemon("--resolution", "320x240", "--framerate", "24") as daemon:
+        ctx = browser.new_context()
+        page = ctx.new_page()
+        said, failed = [], []
+        page.on("console", lambda m: m.type in ("error", "warning") and said.append(m.text))
+        page.on("pageerror", lambda e: failed.append(str(e)))
+        try:
+            page.goto(daemon.base_url)
+            wait_for_pictures(page, 24)
+        finally:
+            ctx.close()
+    assert (said, failed) == ([], [])
+
+
+def test_a_page_opened_while_the_encoder_stands_still_decodes_all_of_its_start(browser):
+    """The start the daemon sends a newcomer (an intra picture and what
+    followed) is all decoded: the page shows its first picture before it
+    decodes the rest, and loses none of it doing so."""
+    with Daemon("--resolution", "640x480", "--framerate", "30") as daemon:
+        (ffmpeg,) = ffmpeg_children(daemon)
+        time.sleep(0.6)  # somewhere past the stream's first intra picture
+        os.kill(ffmpeg, signal.SIGSTOP)  # nothing new comes out from here on
+        try:
+            time.sleep(0.3)  # what ffmpeg had written reaches the daemon
+            ws = websocket.create_connection(f"ws://127.0.0.1:{daemon.http_port}/stream",
+                                             timeout=10)
+            try:
+                read_header(ws)
+                start = ws.recv()
+            finally:
+                ws.close()
+            pictures = sum(1 for i in range(0, len(start), PACKET)
+                           if video_pes_start(start[i:i + PACKET]))
+            assert pictures >= 2
+            ctx, page = open_page(browser, daemon.base_url)
+            try:
+                # Every one of them (the last one at least once the next
+                # begins, should the demuxer wait for that).
+                wait_for_pictures(page, pictures - 2)
+                time.sleep(0.3)
+                assert page.evaluate("window.pistream.frames") in (pictures - 1, pictures)
+                assert page.evaluate("window.pistream.drawn") >= 1
+                assert page.evaluate("window.pistream.state") == "playing"
+            finally:
+                ctx.close()
+        finally:
+            os.kill(ffmpeg, signal.SIGCONT)
 
 
 def test_without_webassembly_the_javascript_decoder_plays(browser):

@@ -1,5 +1,6 @@
 """Every HTTP route of the running daemon, as a browser or curl sees it."""
 
+import base64
 import hashlib
 import http.client
 import os
@@ -7,6 +8,7 @@ import re
 
 import pytest
 
+from pistreaming import web
 from pistreaming.web import STATIC
 from tests.daemon import Daemon
 
@@ -140,7 +142,10 @@ def test_no_server_version_no_sniffing_and_a_strict_content_policy(daemon):
                   for part in response.getheader("Content-Security-Policy").split(";"))
     assert policy["default-src"] == "'none'"
     assert policy["script-src"] == "'self' 'wasm-unsafe-eval'"
-    assert policy["style-src"] == "'self'"  # no inline style: the colours are theme.css
+    # No inline style of the page's own (the colours are theme.css); only the
+    # one the player script adds, by hash: empty, then with its rules.
+    assert policy["style-src"] == "'self'" + web.player_styles(web.read_player()).decode()
+    assert policy["style-src"].count("'sha256-") == 2
     assert policy["frame-ancestors"] == "'none'"
     host = f"127.0.0.1:{daemon.http_port}"
     assert policy["connect-src"] == f"'self' ws://{host} wss://{host}"
@@ -174,3 +179,12 @@ def test_the_daemon_survived_all_of_that(daemon):
     response, _ = request(daemon, "GET", "/index.html")
     assert response.status == 200
     assert "Traceback" not in daemon.output()
+
+
+def test_the_policy_allows_the_player_style_by_its_hash_only():
+    player = (b'x=1;!function(A,t){var s=document.createElement("style");'
+              b'e.appendChild(s),s.appendChild(document.createTextNode(A))}}(".a{top:0}\\n");')
+    assert web.player_styles(player) == (
+        b" 'sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU='"  # "" (the empty element)
+        b" 'sha256-" + base64.b64encode(hashlib.sha256(b".a{top:0}\n").digest()) + b"'")
+    assert web.player_styles(b"var x = 1;") == b""

@@ -84,10 +84,13 @@
 
   // -- drawing -------------------------------------------------------------
 
-  // WebGL, unless the browser only has a software rasterizer behind it
-  // (no GPU): then drawing with the 2D canvas costs less and keeps up.
-  // (A canvas that had a WebGL context cannot get a 2D one: a fresh canvas
-  // takes its place.)
+  // Where the browser has WebCodecs' VideoFrame, the 2D canvas: the browser
+  // turns the decoder's planes into colour itself (on the GPU where it has
+  // one), and the page starts without setting up WebGL, which takes tens of
+  // milliseconds before the first picture.  Elsewhere WebGL, unless the
+  // browser only has a software rasterizer behind it (no GPU): then JSMpeg's
+  // 2D canvas renderer costs less and keeps up.  (A canvas that had a WebGL
+  // context cannot get a 2D one: a fresh canvas takes its place.)
   function softwareRenderer(gl) {
     try {
       var info = gl.getExtension('WEBGL_debug_renderer_info');
@@ -107,6 +110,10 @@
   }
 
   function makeRenderer() {
+    if (window.VideoFrame) {
+      state.renderer = 'canvas2d (VideoFrame)';
+      return new FrameRenderer(canvas);
+    }
     // A browser found to have only software WebGL is remembered, so that
     // the next visit does not pay for finding out again.
     var software = remembered('pistream.softwareWebGL');
@@ -125,10 +132,8 @@
         canvas = fresh;
       } catch (e) { /* the 2D canvas, then */ }
     }
-    var canvas2d = window.VideoFrame ? new FrameRenderer(canvas) : null;
-    state.renderer = (canvas2d ? 'canvas2d (VideoFrame)' : 'canvas2d') +
-      (software ? ' (software WebGL: ' + software + ')' : '');
-    return canvas2d || new JSMpeg.Renderer.Canvas2D({ canvas: canvas });
+    state.renderer = 'canvas2d' + (software ? ' (software WebGL: ' + software + ')' : '');
+    return new JSMpeg.Renderer.Canvas2D({ canvas: canvas });
   }
 
   // The 2D canvas, with the browser turning the decoder's YCbCr planes into
@@ -143,13 +148,18 @@
     this.height = element.height;
     this.planes = null;
     this.fallback = null;
+    // The canvas's drawing surface is made now, while the page waits for
+    // its first picture, not in the animation frame that shows it.
+    this.context.clearRect(0, 0, 1, 1);
   }
 
   FrameRenderer.prototype.resize = function (width, height) {
     this.width = width | 0;
     this.height = height | 0;
-    this.canvas.width = this.width;
-    this.canvas.height = this.height;
+    if (this.canvas.width !== this.width || this.canvas.height !== this.height) {
+      this.canvas.width = this.width;  // (which clears it, and makes a new surface)
+      this.canvas.height = this.height;
+    }
     // The decoder's planes are whole macroblocks: 16 pixels a side.
     this.codedWidth = (this.width + 15) >> 4 << 4;
     this.codedHeight = (this.height + 15) >> 4 << 4;
@@ -232,6 +242,8 @@
     this.header = false;
     this.closed = false;
     this.waiting = [];  // messages that came before the player was ready
+    this.later = [];    // video not yet handed to the demuxer: {data, whole}
+    this.begun = 0;     // pictures begun, until the first is shown
     this.video = null;
     this.onClosed = onClosed;
     state.connects += 1;
@@ -291,22 +303,39 @@
     this.video.connect(destination);
   };
 
+  // Where the video PES that TS packet C{i} of C{bytes} begins has its
+  // elementary stream (its picture's bytes); -1 if the packet begins none.
+  function videoPesAt(bytes, i) {
+    if (bytes[i] !== 0x47 || !(bytes[i + 1] & 0x40)) { return -1; }
+    var control = (bytes[i + 3] >> 4) & 3;
+    if (!(control & 1)) { return -1; }
+    var p = i + 4 + ((control & 2) ? 1 + bytes[i + 4] : 0);
+    if (p + 9 > i + 188 || bytes[p] !== 0 || bytes[p + 1] !== 0 || bytes[p + 2] !== 1 ||
+        bytes[p + 3] < 0xe0 || bytes[p + 3] > 0xef) { return -1; }
+    return p + 9 + bytes[p + 8];
+  }
+
   // Whether C{bytes} (whole TS packets) begin a picture a decoder can start
   // at: the first video PES in them opens with a sequence header.
   function startsDecodable(bytes) {
     for (var i = 0; i + 188 <= bytes.length; i += 188) {
-      if (bytes[i] !== 0x47 || !(bytes[i + 1] & 0x40)) { continue; }
-      var control = (bytes[i + 3] >> 4) & 3;
-      if (!(control & 1)) { continue; }
-      var p = i + 4 + ((control & 2) ? 1 + bytes[i + 4] : 0);
-      if (p + 9 > i + 188 || bytes[p] !== 0 || bytes[p + 1] !== 0 || bytes[p + 2] !== 1 ||
-          bytes[p + 3] < 0xe0 || bytes[p + 3] > 0xef) { continue; }
-      var es = p + 9 + bytes[p + 8];
+      var es = videoPesAt(bytes, i);
+      if (es < 0) { continue; }
       return es + 4 <= i + 188 && bytes[es] === 0 && bytes[es + 1] === 0 &&
         bytes[es + 2] === 1 && bytes[es + 3] === 0xb3;
     }
     return false;
   }
+
+  // The end of the TS packet in C{bytes} that begins the connection's
+  // second picture, or 0.  (Each picture is a PES of its own; the demuxer
+  // hands one to the decoder when the next begins.)
+  Connection.prototype.firstPictureEnd = function (bytes) {
+    for (var i = 0; i + 188 <= bytes.length; i += 188) {
+      if (videoPesAt(bytes, i) >= 0 && ++this.begun === 2) { return i + 188; }
+    }
+    return 0;
+  };
 
   Connection.prototype.onMessage = function (data, received) {
     if (typeof data === 'string') { this.onStatus(data); return; }
@@ -314,11 +343,32 @@
     decoding.received = received;
     state.bytes += data.byteLength;
     meter.bytes(received, data.byteLength);
-    if (!this.wasm && wasmReady() && !this.holding && startsDecodable(new Uint8Array(data))) {
-      this.useDecoder(true);  // the compiled decoder takes over where a decoder can start
+    this.later.push({ data: data, whole: true });
+    if (!this.holding) { this.feed(received); }
+  };
+
+  // Hand what arrived to the demuxer, decoding as it goes.  Until the
+  // connection's first picture is shown, only the bytes up to its end go in:
+  // the start the server sends a newcomer holds up to a second of video, and
+  // demuxing all of it first would hold the first picture back.  The rest
+  // waits until that picture is painted.
+  Connection.prototype.feed = function (received) {
+    while (this.later.length && !this.holding && !this.closed) {
+      var piece = this.later.shift();
+      var data = piece.data;
+      if (piece.whole && !this.wasm && wasmReady() && startsDecodable(new Uint8Array(data))) {
+        this.useDecoder(true);  // the compiled decoder takes over where a decoder can start
+      }
+      if (!this.shown) {
+        var end = this.firstPictureEnd(new Uint8Array(data));
+        if (end && end < data.byteLength) {
+          this.later.unshift({ data: data.slice(end), whole: false });
+          data = data.slice(0, end);
+        }
+      }
+        this.demuxer.write(data);
+      this.decode(received);
     }
-    this.demuxer.write(data);
-    if (!this.holding) { this.decode(received); }
   };
 
   // Decode all that is complete.  The very first picture of a connection
@@ -344,7 +394,10 @@
     requestAnimationFrame(function () {
       setTimeout(function () {
         self.holding = false;
-        if (!self.closed) { self.decode(decoding.received); }
+        if (!self.closed) {
+          self.decode(decoding.received);
+          self.feed(decoding.received);
+        }
       }, 0);
     });
   };
@@ -502,7 +555,12 @@
       // switches over at a starting point.
       player.wasm = 'compiling';
       var module = JSMpeg.WASMModule.GetModule();
-      module.loadFromBuffer(JSMpeg.Base64ToArrayBuffer(JSMpeg.WASM_BINARY_INLINED), function () {
+      // (The player carries its decoder as base64: decoded natively where
+      // the browser can.)
+      var binary = Uint8Array.fromBase64
+        ? Uint8Array.fromBase64(JSMpeg.WASM_BINARY_INLINED).buffer
+        : JSMpeg.Base64ToArrayBuffer(JSMpeg.WASM_BINARY_INLINED);
+      module.loadFromBuffer(binary, function () {
         player.wasm = module.ready ? 'ready' : 'none';
         if (module.ready) {
           player.wasmModule = module;
