@@ -48,6 +48,7 @@ class Pistream(service.MultiService):
                            video_input, filters),
             self.factory.broadcast, reactor, framerate=config.framerate,
             timings=self.stats.picture_timing, reads_stdin=video_input is None,
+            frame_size=geometry.frame_size,
         )
         self.camera = None
         if video_input is None:

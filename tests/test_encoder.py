@@ -1,5 +1,6 @@
 """The encoder: real ffmpeg under a ProcessProtocol."""
 
+import fcntl
 import os
 import random
 import signal
@@ -8,6 +9,7 @@ import time
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
+from pistreaming import encoder
 from pistreaming.camera.testpattern import TestPattern
 from pistreaming.encoder import Encoder, ffmpeg_command
 from pistreaming.mpegts import TSPacketizer
@@ -74,6 +76,16 @@ def frames(geometry, count, start=0):
     return [pattern.render(start + i, time.time()) for i in range(count)]
 
 
+def stopped(pid):
+    """Whether every thread of C{pid} has stopped (a signal takes effect when
+    the thread next runs: a read it was in finishes first)."""
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/stat") as f:
+            states.append(f.read().rsplit(")", 1)[1].split()[0])
+    return all(state in ("T", "t") for state in states)
+
+
 def process_exists(pid):
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -90,7 +102,8 @@ class EncoderTests(unittest.TestCase):
         self.chunks = []
         self.encoder = Encoder(
             ffmpeg_command(FFMPEG, self.geometry, 24, 400_000),
-            lambda chunk: self.chunks.append(chunk.data), reactor, framerate=24)
+            lambda chunk: self.chunks.append(chunk.data), reactor, framerate=24,
+            frame_size=self.geometry.frame_size)
         self.encoder.first_restart_delay = 0.1
         self.encoder.startService()
         self.addCleanup(self.stop_encoder)
@@ -168,6 +181,36 @@ class EncoderTests(unittest.TestCase):
             os.kill(pid, signal.SIGCONT)
         yield self.feed_until_output()
 
+    def test_the_pipe_to_ffmpeg_holds_a_whole_frame(self):
+        pipe = self.encoder.process.transport.pipes[0].fileno()
+        assert fcntl.fcntl(pipe, F_GETPIPE_SZ) >= self.geometry.frame_size
+
+    @defer.inlineCallbacks
+    def test_a_frame_ffmpeg_has_not_read_keeps_the_next_ones_out(self):
+        # The pipe holds a whole frame, so the transport has written the last
+        # one long before ffmpeg has read it: frames wait for ffmpeg to read
+        # it, not for the pipe, or they would queue up in the pipe.
+        yield self.feed_until_output()
+        process = self.encoder.process
+        pipe = process.transport.pipes[0].fileno()
+        yield wait_until(lambda: not process.paused and encoder.unread(pipe) == 0, 5,
+                         what="ffmpeg to have read every frame")
+        pid = process.transport.pid
+        os.kill(pid, signal.SIGSTOP)
+        yield wait_until(lambda: stopped(pid), 5, what="ffmpeg to stop")
+        try:
+            taken = self.encoder.frames_in
+            self.encoder.feed(self.frames[0])
+            assert self.encoder.frames_in - taken == 1
+            yield wait_until(lambda: not self.encoder.process.paused, 5,
+                             what="the frame in the pipe")
+            for frame in self.frames:
+                self.encoder.feed(frame)
+            assert self.encoder.frames_in - taken == 1
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        yield self.feed_until_output()
+
     @defer.inlineCallbacks
     def test_stop_reaps_ffmpeg_quickly(self):
         yield self.feed_until_output()
@@ -241,3 +284,29 @@ class FailingEncoderTests(unittest.TestCase):
         assert failures[0]["stderr"] == ": Unknown encoder mpeg1video_x"
         delays = [e["delay"] for e in failures[:4]]
         assert delays == [0.05, 0.1, 0.2, 0.4]
+
+
+F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+
+
+def test_a_pipe_grows_to_a_frame_or_as_far_as_the_system_lets_it(monkeypatch, tmp_path):
+    read, write = os.pipe()
+    try:
+        assert encoder.grow_pipe(write, 300_000) >= 300_000
+        # Past /proc/sys/fs/pipe-max-size an unprivileged process is refused:
+        # it gets the most it may have.
+        limit = tmp_path / "pipe-max-size"
+        limit.write_text("131072\n")
+        monkeypatch.setattr(encoder, "PIPE_MAX_SIZE", str(limit))
+        real = fcntl.fcntl
+
+        def unprivileged(fd, command, size):
+            if size > 131072:
+                raise PermissionError(1, "Operation not permitted")
+            return real(fd, command, size)
+
+        monkeypatch.setattr(encoder.fcntl, "fcntl", unprivileged)
+        assert encoder.grow_pipe(write, 2_000_000) == 131072
+    finally:
+        os.close(read)
+        os.close(write)
