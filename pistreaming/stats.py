@@ -18,7 +18,9 @@ def percentile(sorted_values, fraction):
 
 
 class Window:
-    """Samples of one quantity over the last C{span} seconds (at most C{limit})."""
+    """Samples of one quantity over the last C{span} seconds (at most C{limit}).
+    Older samples go as new ones come, so it holds a minute's worth whether
+    or not anyone asks for the figures."""
 
     def __init__(self, span=60.0, limit=20_000):
         self.span = span
@@ -26,6 +28,7 @@ class Window:
 
     def add(self, when, value):
         self.samples.append((when, value))
+        self._trim(when)
 
     def _trim(self, now):
         while self.samples and self.samples[0][0] < now - self.span:

@@ -9,6 +9,7 @@ import urllib.request
 
 import websocket
 
+from pistreaming.stats import Window
 from tests.daemon import Daemon
 from tests.test_stream import ffmpeg_children, read_header
 
@@ -98,3 +99,13 @@ def test_the_figures_follow_what_happened():
         assert metric(text, 'pistream_frames_dropped_total{where="encoder"}') >= 0
         assert metric(text, 'pistream_stage_latency_seconds{quantile="0.5",stage="encoder"}') > 0
         second.close()
+
+
+def test_a_window_holds_its_last_minute_whether_or_not_anyone_asks():
+    # Ten minutes of pictures at 30 fps, and no one reading /stats.json: the
+    # daemon's memory must not fill up with the latency samples.
+    window = Window(span=60)
+    for number in range(30 * 600):
+        window.add(number / 30, 0.004)
+    assert abs(len(window.samples) - 60 * 30) <= 1
+    assert abs(window.summary(600)["count"] - 60 * 30) <= 1
