@@ -15,6 +15,7 @@ from pistreaming.camera import choose_source
 from pistreaming.camera.service import CameraService
 from pistreaming.encoder import Encoder, ffmpeg_command
 from pistreaming.frames import stream_header
+from pistreaming.memory import Collector
 from pistreaming.stats import Stats
 from pistreaming.web import make_site
 
@@ -77,6 +78,9 @@ class Pistream(service.MultiService):
         self.encoder.setServiceParent(self)
         if self.camera is not None:
             self.camera.setServiceParent(self)
+        # Last: it freezes what the others are made of once they have started.
+        self.collector = Collector(reactor)
+        self.collector.setServiceParent(self)
 
     def _camera_state(self, state, why):
         # Viewers (the page) are told, so a stalled camera does not look like
