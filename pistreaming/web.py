@@ -228,7 +228,8 @@ def content_security_policy(host, styles=b""):
         # Older browsers do not count ws: and wss: to this host as 'self'.
         connect += b" ws://" + host + b" wss://" + host
     return (b"default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; "
-            b"style-src 'self'" + styles + b"; img-src 'self' data:; connect-src " + connect + b"; "
+            b"style-src 'self'" + styles + b"; img-src 'self' data:; "
+            b"connect-src " + connect + b"; "
             b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
