@@ -136,16 +136,16 @@ class FFmpegProtocol(protocol.ProcessProtocol):
         self.writable = False
         self.stderr = b""
         self.started_at = None
-        self.stdin = None  # the pipe's file descriptor, once it holds a frame
+        self.stdin = None  # the pipe's file descriptor
 
     # process events
     def connectionMade(self):
         self.started_at = self.encoder.reactor.seconds()
         pipe = getattr(self.transport, "pipes", {}).get(0)
-        if self.encoder.frame_size and pipe is not None:
-            size = grow_pipe(pipe.fileno(), self.encoder.frame_size)
-            if size is not None and size >= self.encoder.frame_size:
-                self.stdin = pipe.fileno()
+        if pipe is not None:
+            self.stdin = pipe.fileno()
+            if self.encoder.frame_size:
+                grow_pipe(self.stdin, self.encoder.frame_size)
         self.writable = True
         self.transport.registerProducer(self, True)
         self.encoder._process_started(self)
@@ -176,8 +176,8 @@ class FFmpegProtocol(protocol.ProcessProtocol):
     def write_frame(self, frame, captured_at, now):
         """Write a frame to ffmpeg if it can take one now; return whether it did.
         It cannot while the last one is still on its way: in the transport's
-        buffer (which then pauses us) or, where the pipe holds a whole frame,
-        not yet all read by ffmpeg."""
+        buffer (which then pauses us), or in the pipe, not yet all read by
+        ffmpeg (with a pipe that holds a whole frame, that is where it waits)."""
         if not self.writable or self.paused:
             return False
         if self.stdin is not None:

@@ -366,7 +366,7 @@
           data = data.slice(0, end);
         }
       }
-        this.demuxer.write(data);
+      this.demuxer.write(data);
       this.decode(received);
     }
   };
