@@ -2,13 +2,13 @@
 
 Routes (anything else is 404; methods other than GET and HEAD are 405):
 
-    /              redirect to index.html
-    /index.html    the viewer page, with the stream's path and size filled in
+    /              the viewer page (no redirect: one round trip less)
+    /index.html    the same page, with the stream's path and size filled in
     /jsmpg.js      the JSMpeg player (from the npm registry, built in)
-    /pistream.js   the page's own script
-    /pistream.css  the page's style
+    /pistream.js   the page's own script (the page carries it inline)
+    /pistream.css  the page's style (the page carries it inline)
     /stream        the WebSocket stream (same as the separate WebSocket port)
-    /theme.css     the page's colours (from the options)
+    /theme.css     the page's colours, from the options (inline in the page too)
     /stats.json    the daemon's figures (pistreaming.stats), as JSON
     /metrics       the same figures in the Prometheus text format
 
@@ -172,27 +172,20 @@ def metrics_text(stats):
     return (lambda: generate_latest(registry)), CONTENT_TYPE_LATEST.encode()
 
 
-class RedirectToPage(GetOnly):
-    def render_GET(self, request):
-        # Relative, so that it works behind a reverse proxy under a prefix.
-        request.setResponseCode(302)
-        request.setHeader(b"location", b"index.html")
-        request.setHeader(b"content-type", b"text/html; charset=utf-8")
-        return b'<a href="index.html">index.html</a>\n'
-
-
 class Root(resource.Resource):
     def __init__(self, pages, stream):
         super().__init__()
         self.pages = pages
         self.stream = stream
-        self.redirect = RedirectToPage()
 
     def getChild(self, name, request):
         if name == b"":
             if request.postpath:  # "//something"
                 return resource.NoResource()
-            return self.redirect
+            # The page itself, not a redirect to it: a browser opening
+            # http://pi:8082/ saves a round trip before its first picture.
+            # (The page's addresses are relative: the same from either.)
+            return self.pages[b"index.html"]
         if name == STREAM_PATH.encode() and not request.postpath:
             return self.stream
         page = self.pages.get(name)
@@ -212,30 +205,35 @@ class Request(server.Request):
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.setHeader(b"referrer-policy", b"no-referrer")
         self.setHeader(b"content-security-policy", content_security_policy(
-            self.getHeader(b"host"), self.site.styles))
+            self.getHeader(b"host"), self.site.styles, self.site.scripts))
         super().render(resrc)
 
 
 _HOST = re.compile(rb"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
 
 
-def content_security_policy(host, styles=b""):
-    """Only this site's own scripts, styles (and C{styles}: the player's,
-    see L{player_styles}), images and stream; WebAssembly for the player's
-    decoder; no frames, no forms, no plugins."""
+def content_security_policy(host, styles=b"", scripts=b""):
+    """Only this site's own scripts and styles, and the inline ones named by
+    hash in C{scripts} and C{styles} (the page's own, see L{inline}, and the
+    player's style, see L{player_styles}); its images and stream;
+    WebAssembly for the player's decoder; no frames, no forms, no plugins."""
     connect = b"'self'"
     if host and _HOST.match(host):
         # Older browsers do not count ws: and wss: to this host as 'self'.
         connect += b" ws://" + host + b" wss://" + host
-    return (b"default-src 'none'; script-src 'self' 'wasm-unsafe-eval'; "
+    return (b"default-src 'none'; script-src 'self' 'wasm-unsafe-eval'" + scripts + b"; "
             b"style-src 'self'" + styles + b"; img-src 'self' data:; "
             b"connect-src " + connect + b"; "
             b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 
 class Site(server.Site):
-    #: What the policy's style-src allows besides 'self' (L{player_styles}).
+    #: What the policy's style-src allows besides 'self': the page's inline
+    #: style and the player's (L{player_styles}), by hash.
     styles = b""
+    #: What the policy's script-src allows besides 'self' and WebAssembly:
+    #: the page's inline script, by hash.
+    scripts = b""
 
 
 class Channel(http.HTTPChannel):
@@ -290,10 +288,27 @@ class Channel(http.HTTPChannel):
         self.transport.loseConnection()
 
 
-def render_page(template, config, versions):
-    """The page, with the stream's address and size, and the address of each
+def csp_hash(text):
+    """The policy's source expression that allows C{text} inline."""
+    return b"'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()) + b"'"
+
+
+def inline(text, tag):
+    """C{text} as the content of an inline <script> or <style> element.
+    (The page carries its own script and style: a browser runs the script as
+    it reads the page, so the stream's socket opens without waiting for a
+    file, even a cached one, and nothing holds the first paint back.)"""
+    lowered = text.lower()
+    if "</" + tag in lowered or "<!--" in lowered:
+        raise ValueError(f"the page's inline {tag} must not contain </{tag} or <!--")
+    return "\n" + text.strip("\n") + "\n"
+
+
+def render_page(template, config, versions, script, style):
+    """The page, with the stream's address and size, the address of each
     of its files carrying that file's version (C{versions}: template name to
-    L{StaticBytes})."""
+    L{StaticBytes}), and C{script} and C{style} inline (already through
+    L{inline})."""
     values = {
         "width": str(config.width),
         "height": str(config.height),
@@ -301,6 +316,7 @@ def render_page(template, config, versions):
     }
     values.update({name: part.version for name, part in versions.items()})
     escaped = {k: html.escape(v, quote=True) for k, v in values.items()}
+    escaped.update(script=script, style=style)
     return Template(template).substitute(escaped).encode("utf-8")
 
 
@@ -316,15 +332,20 @@ def make_site(config, stream_factory, stats=None, player=None, authenticator=Non
     if player is None:
         player = read_player()
     template = read_static("index.html").decode("utf-8")
+    page_script, page_style, theme = (
+        read_static("pistream.js"), read_static("pistream.css"), render_theme(config))
     parts = {
         "jsmpg_js": StaticBytes(player, b"text/javascript; charset=utf-8"),
-        "pistream_js": StaticBytes(read_static("pistream.js"), b"text/javascript; charset=utf-8"),
-        "pistream_css": StaticBytes(read_static("pistream.css"), b"text/css; charset=utf-8"),
-        "theme_css": StaticBytes(render_theme(config), b"text/css; charset=utf-8"),
+        "pistream_js": StaticBytes(page_script, b"text/javascript; charset=utf-8"),
+        "pistream_css": StaticBytes(page_style, b"text/css; charset=utf-8"),
+        "theme_css": StaticBytes(theme, b"text/css; charset=utf-8"),
     }
     pages = {name.replace("_", ".").encode(): part for name, part in parts.items()}
-    pages[b"index.html"] = StaticBytes(render_page(template, config, parts),
-                                       b"text/html; charset=utf-8")
+    script = inline(page_script.decode("utf-8"), "script")
+    style = inline((page_style + theme).decode("utf-8"), "style")
+    pages[b"index.html"] = StaticBytes(
+        render_page(template, config, {"jsmpg_js": parts["jsmpg_js"]}, script, style),
+        b"text/html; charset=utf-8")
     if stats is not None:
         pages[b"stats.json"] = LiveDocument(stats_json(stats), b"application/json")
         pages[b"metrics"] = LiveDocument(*metrics_text(stats))
@@ -333,7 +354,8 @@ def make_site(config, stream_factory, stats=None, player=None, authenticator=Non
         root = Gate(root, authenticator)
     kwargs = {"reactor": reactor} if reactor is not None else {}
     site = Site(root, timeout=IDLE_TIMEOUT, **kwargs)
-    site.styles = player_styles(player)
+    site.styles = b" " + csp_hash(style) + player_styles(player)
+    site.scripts = b" " + csp_hash(script)
     site.protocol = Channel
     site.requestFactory = Request
     site.displayTracebacks = False

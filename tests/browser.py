@@ -26,6 +26,14 @@ CHROMIUM_ARGS = [
     "--disable-background-timer-throttling",
     "--disable-renderer-backgrounding",
     "--disable-backgrounding-occluded-windows",
+    # Chromium 156 builds its address bar's drop-down (a WebUI page,
+    # chrome://omnibox-popup.top-chrome) for every tab Playwright opens,
+    # headless too: about 1.7 s of CPU on a renderer of its own and as much
+    # again on worker threads, right while the tab's page starts.  A person's
+    # browser built its address bar before they typed the camera's address;
+    # here, on two cores, it would measure the browser's own UI instead of the
+    # page (bench/latency: the first picture took twice as long behind it).
+    "--disable-features=WebUIOmniboxPopup,WebUIOmniboxAimPopup,WebUIOmniboxFullPopup",
 ]
 
 

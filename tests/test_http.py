@@ -29,10 +29,11 @@ def request(daemon, method, path, headers=None, body=None):
         conn.close()
 
 
-def test_root_redirects_to_the_page_relative_to_itself(daemon):
-    response, _ = request(daemon, "GET", "/")
-    assert response.status == 302
-    assert response.getheader("Location") == "index.html"
+def test_root_is_the_page_itself_without_a_redirect(daemon):
+    response, body = request(daemon, "GET", "/")
+    assert response.status == 200
+    assert response.getheader("Location") is None
+    assert body == request(daemon, "GET", "/index.html")[1]
 
 
 def test_the_page_carries_the_stream_and_its_size(daemon):
@@ -43,10 +44,28 @@ def test_the_page_carries_the_stream_and_its_size(daemon):
     assert 'data-stream="stream"' in page
     assert 'data-width="800" data-height="600"' in page
     assert '<canvas id="video" width="800" height="600"' in page
-    assert re.search(r'<link rel="stylesheet" href="theme.css\?v=[0-9a-f]{16}">', page)
     assert re.search(r'<script src="jsmpg.js\?v=[0-9a-f]{16}" defer></script>', page)
-    assert re.search(r'<script src="pistream.js\?v=[0-9a-f]{16}"></script>', page)
-    assert "$" not in page  # every placeholder was filled
+    assert "$" not in page.replace(inline_script(page), "")  # every placeholder was filled
+
+
+def inline_script(page):
+    return re.search(r"<script>(.*?)</script>", page, re.S).group(1)
+
+
+def inline_style(page):
+    return re.search(r"<style>(.*?)</style>", page, re.S).group(1)
+
+
+def test_the_page_carries_its_own_script_and_style_inline(daemon):
+    """The page's script runs as the browser reads the page (the stream's
+    socket opens without waiting for a file), and its style, colours
+    included, comes with it: the same as the files of those names."""
+    page = request(daemon, "GET", "/index.html")[1].decode()
+    assert inline_script(page).strip() == request(daemon, "GET", "/pistream.js")[1].decode().strip()
+    style = inline_style(page)
+    assert request(daemon, "GET", "/pistream.css")[1].decode().strip() in style
+    assert style.rstrip().endswith(":root { --fg: #abcdef; --bg: #101010; }")
+    assert 'rel="stylesheet"' not in page
 
 
 def test_the_page_names_each_file_by_its_version_and_that_address_is_kept(daemon):
@@ -55,8 +74,10 @@ def test_the_page_names_each_file_by_its_version_and_that_address_is_kept(daemon
     plain address, or a stale version, is revalidated every time."""
     _, body = request(daemon, "GET", "/index.html")
     addresses = re.findall(r'(?:src|href)="([a-z.]+)\?v=([0-9a-f]{16})"', body.decode())
-    assert sorted(name for name, _ in addresses) == [
-        "jsmpg.js", "pistream.css", "pistream.js", "theme.css"]
+    assert [name for name, _ in addresses] == ["jsmpg.js"]
+    for name in ("pistream.css", "pistream.js", "theme.css"):
+        content = request(daemon, "GET", f"/{name}")[1]
+        addresses.append((name, hashlib.sha256(content).hexdigest()[:16]))
     for name, version in addresses:
         response, content = request(daemon, "GET", f"/{name}?v={version}")
         assert response.status == 200
@@ -141,14 +162,28 @@ def test_no_server_version_no_sniffing_and_a_strict_content_policy(daemon):
     policy = dict(part.strip().split(" ", 1)
                   for part in response.getheader("Content-Security-Policy").split(";"))
     assert policy["default-src"] == "'none'"
-    assert policy["script-src"] == "'self' 'wasm-unsafe-eval'"
-    # No inline style of the page's own (the colours are theme.css); only the
-    # one the player script adds, by hash: empty, then with its rules.
-    assert policy["style-src"] == "'self'" + web.player_styles(web.read_player()).decode()
-    assert policy["style-src"].count("'sha256-") == 2
+    # Inline, only the page's own script and style, by their hashes, and the
+    # style the player script adds (empty, then with its rules).
+    page = request(daemon, "GET", "/index.html")[1].decode()
+    assert policy["script-src"] == "'self' 'wasm-unsafe-eval' " + sha256(inline_script(page))
+    assert policy["style-src"] == ("'self' " + sha256(inline_style(page)) +
+                                   web.player_styles(web.read_player()).decode())
+    assert policy["style-src"].count("'sha256-") == 3
     assert policy["frame-ancestors"] == "'none'"
     host = f"127.0.0.1:{daemon.http_port}"
     assert policy["connect-src"] == f"'self' ws://{host} wss://{host}"
+
+
+def sha256(text):
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+def test_an_inline_part_that_would_end_its_element_early_is_refused():
+    assert web.inline("a < b\n", "script") == "\na < b\n"
+    for text, tag in (("x = '</script>';", "script"), ("/* </STYLE> */", "style"),
+                      ("<!-- x", "script")):
+        with pytest.raises(ValueError):
+            web.inline(text, tag)
 
 
 def test_a_strange_host_header_is_left_out_of_the_policy(daemon):
