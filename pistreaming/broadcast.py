@@ -410,12 +410,18 @@ class StreamFactory(WebSocketServerFactory):
         self.viewers_total += 1
         protocol.sendMessage(self.header, isBinary=True)
         if self.start_cache.chunks:
-            # What a decoder needs to start, in one message: the page
-            # decodes it in one go and is at live straight after.
-            start = Chunk(b"".join(chunk.data for chunk, _ in self.start_cache.chunks),
-                          picture=True, keyframe=True, pts=self.start_cache.chunks[0][0].pts)
-            viewer.offer(start, self.prepareMessage(start.data, isBinary=True,
-                                                    doNotCompress=True))
+            # What a decoder needs to start: first the starting point itself
+            # (the sequence header and intra picture, as it was framed for
+            # everyone), which the page can decode and show the moment it
+            # arrives, without waiting for the rest; then, in one message,
+            # every picture since, which brings the page to live.
+            (first, first_message), *since = self.start_cache.chunks
+            viewer.offer(first, first_message)
+            if since:
+                rest = Chunk(b"".join(chunk.data for chunk, _ in since),
+                             picture=since[0][0].picture, keyframe=False, pts=since[0][0].pts)
+                viewer.offer(rest, self.prepareMessage(rest.data, isBinary=True,
+                                                       doNotCompress=True))
         if viewer.status and self.status:
             protocol.sendMessage(json.dumps(self.status).encode(), isBinary=False)
         log.info("viewer {peer} connected; {viewers} watching",

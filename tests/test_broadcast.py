@@ -175,17 +175,19 @@ class StartCacheTests(ServerCase):
         for chunk in (k1, p1, p2):
             self.factory.broadcast(chunk)
         (first,) = yield self.connect(1)
-        # the header, then the start in one message (decoded in one go)
-        yield wait_until(lambda: len(first.messages) == 2, 5, what="the cached start")
-        assert [m for m, _ in first.messages] == [HEADER, k1.data + p1.data + p2.data]
+        # the header, the starting point on its own (shown the moment it
+        # arrives), then what followed it in one message (live at once)
+        yield wait_until(lambda: len(first.messages) == 3, 5, what="the cached start")
+        assert [m for m, _ in first.messages] == [HEADER, k1.data, p1.data + p2.data]
         k2 = numbered(4, keyframe=True)
         self.factory.broadcast(k2)
         (second,) = yield self.connect(1)
         yield wait_until(lambda: len(second.messages) == 2, 5, what="the new start")
         assert [m for m, _ in second.messages] == [HEADER, k2.data]
         # and the first viewer got everything since it came, once
-        yield wait_until(lambda: len(first.messages) == 3, 5, what="k2 at the first viewer")
-        assert first.messages[2][0] == k2.data
+        yield wait_until(lambda: len(first.messages) == 4, 5, what="k2 at the first viewer")
+        assert first.messages[3][0] == k2.data
+        assert len(first.messages) == 4 and len(second.messages) == 2
 
 
 class StatusTests(ServerCase):

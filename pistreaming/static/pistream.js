@@ -349,9 +349,11 @@
 
   // Hand what arrived to the demuxer, decoding as it goes.  Until the
   // connection's first picture is shown, only the bytes up to its end go in:
-  // the start the server sends a newcomer holds up to a second of video, and
-  // demuxing all of it first would hold the first picture back.  The rest
-  // waits until that picture is painted.
+  // the server sends a newcomer its starting point (the intra picture) on
+  // its own, then up to a second of video since, and demuxing that first
+  // would hold the first picture back.  (The split here also covers an intra
+  // picture that came in pieces, and the rest arriving before the first
+  // picture was decoded.)  The rest waits until that picture is painted.
   Connection.prototype.feed = function (received) {
     while (this.later.length && !this.holding && !this.closed) {
       var piece = this.later.shift();
