@@ -4,7 +4,8 @@
   picture says exactly when its frame was captured and which frame it was.
 - A newcomer's first bytes after the header decode to a picture at once,
   without waiting for the stream: even with the encoder frozen, so that
-  nothing new is coming, a new viewer gets a decodable start.
+  nothing new is coming, a new viewer gets a decodable start, and its first
+  message alone (the intra picture) decodes to a picture.
 """
 
 import os
@@ -83,6 +84,10 @@ def test_a_newcomer_gets_a_decodable_picture_without_waiting_for_the_stream():
         finally:
             os.kill(ffmpeg, signal.SIGCONT)
     assert messages, "the newcomer got nothing while the stream stood still"
+    # Its very first message is the starting point alone: one picture, which
+    # decodes by itself (the page shows it before the rest has arrived).
+    alone = decode_luma(messages[0], 640, 480)
+    assert len(alone) == 1 and stamp.read(alone[0], 640, 640, 480)
     data = b"".join(messages)
     # It starts where a decoder can: the first picture is an intra picture
     # behind a sequence header...
