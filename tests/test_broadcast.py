@@ -265,7 +265,10 @@ class SlowViewerTests(ServerCase):
         events = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        self.factory.stuck_timeout = 0.5
+        # Long enough that the stuck viewer is still there once the stream
+        # has filled its connection (3000 pictures take a second or more on a
+        # busy machine); then short, so that it is closed.
+        self.factory.stuck_timeout = 60
         service = BroadcastService(self.factory, reactor)
         service.check_interval = 0.1
         service.startService()
@@ -274,6 +277,7 @@ class SlowViewerTests(ServerCase):
         stuck.transport.pauseProducing()
         yield self.stream(3000)
         assert [p.viewer.paused for p in self.factory.viewers].count(True) == 1
+        self.factory.stuck_timeout = 0.5
         yield wait_until(lambda: len(self.factory.viewers) == 1, 10, what="the stuck viewer closed")
         assert any("took nothing" in e.get("log_format", "") for e in events)
         yield wait_until(lambda: len(healthy.messages) == 3001, 10, what="all at healthy")
