@@ -73,6 +73,11 @@ _PLAYER_STYLE = re.compile(
     r'document\.createElement\("style"\).{0,400}?\}\}\(("(?:[^"\\]|\\.)*")\)', re.S)
 
 
+def csp_hash(text):
+    """The policy's source expression that allows C{text} inline."""
+    return b"'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()) + b"'"
+
+
 def player_styles(player):
     """The policy's C{style-src} hashes for the style the player script adds
     (none if the script has no such style)."""
@@ -80,8 +85,7 @@ def player_styles(player):
     if not found:
         return b""
     rules = json.loads(found.group(1))
-    return b"".join(b" 'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()) +
-                    b"'" for text in ("", rules))
+    return b"".join(b" " + csp_hash(text) for text in ("", rules))
 
 
 class GetOnly(resource.Resource):
@@ -286,11 +290,6 @@ class Channel(http.HTTPChannel):
                              b"Content-Length: 0\r\n\r\n")
         self.dataReceived = lambda data: None  # whatever else comes is ignored
         self.transport.loseConnection()
-
-
-def csp_hash(text):
-    """The policy's source expression that allows C{text} inline."""
-    return b"'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()) + b"'"
 
 
 def inline(text, tag):
