@@ -71,6 +71,9 @@ class Config:
     allow_origins: tuple = ()
     #: At most this many viewers at once (0: no limit).
     max_viewers: int = 0
+    #: Host names (besides IP literals, localhost and this machine's names)
+    #: that requests may name in their Host header; "*": any.
+    allow_hosts: tuple = ()
 
     @property
     def geometry(self):
@@ -201,6 +204,35 @@ def parse_origins(text):
                 "https://example.com or http://192.168.1.5:8080)")
         origins.append(item.lower())
     return tuple(origins)
+
+
+def parse_hosts(values):
+    """--allow-host values (each may be comma-separated) as a tuple of names."""
+    from pistreaming.hosts import parse_allowed_host
+
+    hosts = []
+    for value in values:
+        for item in (part.strip() for part in value.split(",")):
+            if not item:
+                continue
+            try:
+                name = parse_allowed_host(item)
+            except ValueError as e:
+                raise usage.UsageError(f"--allow-host: {e}") from None
+            if name not in hosts:
+                hosts.append(name)
+    return tuple(hosts)
+
+
+def check_origins_with_password(origins, passwd):
+    """A password with any origin allowed would let every web site open the
+    stream with the credentials a visitor's browser remembers."""
+    if passwd and "*" in origins:
+        raise usage.UsageError(
+            "--allow-origin '*' cannot go with --passwd: any web site could then open "
+            "the stream with the password a visitor's browser remembers; name the "
+            "origins instead")
+    return origins
 
 
 def parse_count(option, text, low, high):
@@ -391,6 +423,19 @@ class Options(usage.Options):
         ["max-viewers", None, "0", "At most this many viewers at once; 0: no limit."],
     ]
 
+    def __init__(self):
+        super().__init__()
+        self["allow-host"] = []
+
+    def opt_allow_host(self, name):
+        self["allow-host"].append(name)
+
+    opt_allow_host.__doc__ = (
+        "A host name the daemon is reached by, besides IP addresses, localhost and "
+        "this machine's own names (HOSTNAME, HOSTNAME.local); repeatable or "
+        "comma-separated; *.example.com allows its subdomains; * allows any (behind "
+        "a proxy that rewrites Host).  Requests naming any other host get 421.")
+
     compData = usage.Completions(
         optActions={"camera": usage.CompleteList(CAMERAS),
                     "rotation": usage.CompleteList(ROTATIONS)}
@@ -421,6 +466,8 @@ class Options(usage.Options):
             backlog=parse_backlog(self["backlog"]),
             viewer_timeout=parse_seconds("viewer-timeout", self["viewer-timeout"], 1, 3600),
             passwd=check_password_file(self["passwd"]) if self["passwd"] else None,
-            allow_origins=parse_origins(self["allow-origin"]),
+            allow_origins=check_origins_with_password(
+                parse_origins(self["allow-origin"]), self["passwd"]),
+            allow_hosts=parse_hosts(self["allow-host"]),
             max_viewers=parse_count("max-viewers", self["max-viewers"], 0, 100_000),
         )

@@ -79,6 +79,23 @@ def test_security_options():
     assert parse().passwd is None
 
 
+def test_allow_host_is_repeatable_and_comma_separated():
+    config = parse("--allow-host", "Camera.Example., *.lan", "--allow-host", "camera.example",
+                   "--allow-host", "other.example")
+    assert config.allow_hosts == ("camera.example", "*.lan", "other.example")
+    assert parse().allow_hosts == ()
+    assert parse("--allow-host", "*").allow_hosts == ("*",)
+
+
+def test_any_origin_with_a_password_is_refused(tmp_path):
+    from pistreaming.auth import hash_password
+    path = tmp_path / "passwd"
+    path.write_text("alice:" + hash_password("x", iterations=1000) + "\n")
+    message = error_of("--allow-origin", "*", "--passwd", str(path))
+    assert "--allow-origin '*' cannot go with --passwd" in message
+    assert parse("--allow-origin", "https://friend.example", "--passwd", str(path)).passwd
+
+
 @pytest.mark.parametrize("value,bitrate,limit", [
     ("1s", "800k", 100_000), ("0.5s", "2M", 125_000), ("0.1s", "32k", 16_000),
     ("256k", "800k", 256_000), ("2M", "800k", 2_000_000), ("64000", "800k", 64_000),
@@ -124,6 +141,9 @@ def test_ws_port_forms(value, endpoint):
     (("--interface", "localhost"), "--interface: 'localhost' is not an IP address"),
     (("--allow-origin", "evil.example"), "--allow-origin: 'evil.example' is not an origin"),
     (("--allow-origin", "https://x/path"), "--allow-origin: 'https://x/path' is not an origin"),
+    (("--allow-host", "evil example"), "--allow-host: 'evil example' is not a host name"),
+    (("--allow-host", "evil.example:8082"), "--allow-host: 'evil.example:8082' is not a host"),
+    (("--allow-host", "x\x00y"), "--allow-host: 'x\\x00y' is not a host name"),
     (("--max-viewers", "many"), "--max-viewers: 'many' is not a whole number"),
     (("--max-viewers", "-1"), "--max-viewers: -1 is outside 0..100000"),
     (("--ffmpeg", "/nonexistent/ffmpeg"), "--ffmpeg: /nonexistent/ffmpeg is not an executable"),
