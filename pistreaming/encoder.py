@@ -228,7 +228,7 @@ class Encoder(service.Service):
     kill_after = 1.4
 
     def __init__(self, command, sink, reactor, framerate=24, env=None, timings=None,
-                 reads_stdin=True, frame_size=None):
+                 reads_stdin=True, frame_size=None, on_state=None):
         """
         @param sink: called with each L{pistreaming.mpegts.Chunk} of output.
         @param framerate: the input's frame rate (to match pictures to frames).
@@ -238,6 +238,9 @@ class Encoder(service.Service):
             (False when it reads a device or a file itself).
         @param frame_size: bytes in a raw frame: ffmpeg's stdin pipe is made
             to hold one (L{grow_pipe}).
+        @param on_state: called with (state, why) when pictures come out
+            (again) (C{"ok"}, None) and when ffmpeg stops or cannot be
+            started (C{"unavailable"}, the reason), so viewers can be told.
         """
         self.command = list(command)
         self.sink = sink
@@ -248,6 +251,11 @@ class Encoder(service.Service):
         self.reads_stdin = reads_stdin
         self.frame_size = frame_size if reads_stdin else None
         self.process = None
+        self.on_state = on_state
+        #: "starting", "ok" (pictures come out) or "unavailable" (it stopped or
+        #: could not be started; a restart is pending), and why.
+        self.state = "starting"
+        self.why = None
         self.restarts = 0
         self.frames_in = 0
         self.frames_dropped = 0
@@ -273,6 +281,8 @@ class Encoder(service.Service):
             self.frames_dropped += 1
 
     def _encoded(self, proto, chunk):
+        if self.state != "ok":  # pictures again: the encoder works
+            self._set_state("ok")
         self.bytes_out += len(chunk)
         if chunk.picture:
             self.pictures_out += 1
@@ -292,7 +302,29 @@ class Encoder(service.Service):
     def _spawn(self):
         self._restart_call = None
         proto = FFmpegProtocol(self)
-        self.reactor.spawnProcess(proto, self.command[0], self.command, env=self.env)
+        try:
+            self.reactor.spawnProcess(proto, self.command[0], self.command, env=self.env)
+        except Exception as e:
+            # The executable gone or replaced (an upgrade), EMFILE, ENOMEM:
+            # said, and tried again with the same back-off as a crash.
+            why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+            why = f"cannot start {self.command[0]}: {why.lower() if why else type(e).__name__}"
+            self.log.error("encoder: {why}; trying again in {delay}s", why=why,
+                           delay=self._delay)
+            self._set_state("unavailable", why)
+            self._schedule_restart()
+
+    def _set_state(self, state, why=None):
+        if (state, why) == (self.state, self.why):
+            return
+        self.state, self.why = state, why
+        if self.on_state is not None:
+            self.on_state(state, why)
+
+    def _schedule_restart(self):
+        self.restarts += 1
+        self._restart_call = self.reactor.callLater(self._delay, self._spawn)
+        self._delay = min(self._delay * 2, self.max_restart_delay)
 
     def _process_started(self, proto):
         self.process = proto
@@ -316,14 +348,15 @@ class Encoder(service.Service):
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         how = f"was killed by signal {sig}" if sig else f"exited with code {code}"
+        stderr = proto.stderr_text()
         self.log.error(
             "encoder: ffmpeg {how} after {ran:.1f}s; restarting in {delay}s{stderr}",
             how=how, ran=ran, delay=self._delay,
-            stderr=(": " + proto.stderr_text()) if proto.stderr_text() else "",
+            stderr=(": " + stderr) if stderr else "",
         )
-        self.restarts += 1
-        self._restart_call = self.reactor.callLater(self._delay, self._spawn)
-        self._delay = min(self._delay * 2, self.max_restart_delay)
+        last = stderr.strip().splitlines()[-1][:200] if stderr and stderr.strip() else ""
+        self._set_state("unavailable", f"ffmpeg {how}" + (f": {last}" if last else ""))
+        self._schedule_restart()
 
     def stopService(self):
         super().stopService()

@@ -49,7 +49,7 @@ class Pistream(service.MultiService):
                            video_input, filters),
             self.factory.broadcast, reactor, framerate=config.framerate,
             timings=self.stats.picture_timing, reads_stdin=video_input is None,
-            frame_size=geometry.frame_size,
+            frame_size=geometry.frame_size, on_state=self._encoder_state,
         )
         self.camera = None
         if video_input is None:
@@ -86,6 +86,15 @@ class Pistream(service.MultiService):
         # Viewers (the page) are told, so a stalled camera does not look like
         # a frozen picture.
         self.factory.set_status(camera=state, why=why)
+
+    def _encoder_state(self, state, why):
+        # A source that ffmpeg reads itself (a webcam, a file) fails as ffmpeg
+        # does: for the page that is the camera.  Otherwise the encoder is a
+        # stage of its own, and the page says which one stopped.
+        if self.camera is None:
+            self.factory.set_status(camera="unavailable" if state != "ok" else "ok", why=why)
+        else:
+            self.factory.set_status(encoder=state, why=why)
 
     def privilegedStartService(self):
         # Ports are bound here (before twistd drops privileges); a port that

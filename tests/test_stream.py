@@ -237,3 +237,54 @@ def test_repeated_ctrl_c_during_shutdown_is_harmless():
         # (Two signals sent at once may reach the process as one.)
         assert re.search(r"already shutting down \(SIG(INT|TERM)\)", daemon.output())
         assert "Traceback" not in daemon.output()
+
+
+def test_an_ffmpeg_removed_during_an_upgrade_comes_back_without_a_restart(tmp_path):
+    """The executable disappears (a package upgrade replacing it), ffmpeg dies:
+    the daemon says why, the page hears that the encoder is down, the back-off
+    goes on, and once the executable is back the picture returns to the same
+    viewer without restarting the daemon."""
+    import json
+    import shutil
+    ffmpeg = tmp_path / "ffmpeg"
+    ffmpeg.symlink_to(shutil.which("ffmpeg"))
+    with Daemon("--framerate", "24", "--ffmpeg", str(ffmpeg)) as daemon:
+        ws = websocket.create_connection(f"ws://127.0.0.1:{daemon.http_port}/stream",
+                                         subprotocols=["pistream"], timeout=10)
+        try:
+            read_header(ws)
+            statuses = []
+
+            def until(predicate, timeout):
+                deadline = time.monotonic() + timeout
+                while time.monotonic() < deadline:
+                    opcode, data = ws.recv_data()
+                    if opcode == websocket.ABNF.OPCODE_TEXT:
+                        statuses.append(json.loads(data))
+                    if predicate(opcode, data):
+                        return True
+                return False
+
+            assert until(lambda op, data: op == websocket.ABNF.OPCODE_BINARY, 5)
+            (old,) = ffmpeg_children(daemon)
+            mark = len(daemon.lines)
+            ffmpeg.unlink()
+            os.kill(old, signal.SIGKILL)
+            daemon.wait_for(r"encoder: cannot start .*ffmpeg: no such file or directory; "
+                            r"trying again in", 10, start=mark)
+            assert until(lambda op, data: op == websocket.ABNF.OPCODE_TEXT
+                         and json.loads(data).get("encoder") == "unavailable", 5), statuses
+            ffmpeg.symlink_to(shutil.which("ffmpeg"))
+            daemon.wait_for(r"encoder process: ffmpeg pid (\d+)", 15, start=mark)
+            assert until(lambda op, data: op == websocket.ABNF.OPCODE_TEXT
+                         and json.loads(data).get("encoder") == "ok", 5), statuses
+            data = b""
+            deadline = time.monotonic() + 5
+            while SEQUENCE_HEADER not in data and time.monotonic() < deadline:
+                opcode, chunk = ws.recv_data()
+                if opcode == websocket.ABNF.OPCODE_BINARY:
+                    data += chunk
+            assert SEQUENCE_HEADER in data
+            assert "Traceback" not in daemon.output()
+        finally:
+            ws.close()

@@ -4,7 +4,7 @@
  * height as big-endian uint16.  Every later binary message is MPEG-TS
  * carrying MPEG-1 video; text messages (asked for with the "pistream"
  * subprotocol) are JSON status: {"viewers": n}, {"camera": "ok"} or
- * {"camera": "unavailable", "why": "..."}.
+ * {"camera": "unavailable", "why": "..."}, and the same for "encoder".
  *
  * Latency is the point, so JSMpeg's Player (which decodes one picture per
  * animation frame, and so lets a backlog grow) is not used.  Its demuxer,
@@ -43,7 +43,7 @@
   // What tests, the overlay and curious people can read from the console.
   var state = window.pistream = {
     state: 'connecting', frames: 0, drawn: 0, overtaken: 0, width: 0, height: 0,
-    connects: 0, url: '', bytes: 0, viewers: null, camera: 'ok',
+    connects: 0, url: '', bytes: 0, viewers: null, camera: 'ok', encoder: 'ok', why: '',
     renderer: '', decoder: '',
     // When (performance.now()) the page got this far: the first time each.
     timing: { script: performance.now() },
@@ -228,7 +228,8 @@
     player.renderer.render(picture.y, picture.cr, picture.cb, picture.clamped);
     state.drawn += 1;
     mark('drawn');
-    if (state.state !== 'playing' && state.camera !== 'unavailable') { show('playing'); }
+    if (state.state !== 'playing' && state.camera !== 'unavailable' &&
+        state.encoder !== 'unavailable') { show('playing'); }
     if (state.onpicture) {
       state.onpicture({ received: picture.received, decoded: picture.decoded,
                         drawn: performance.now() });
@@ -428,10 +429,14 @@
     var message;
     try { message = JSON.parse(text); } catch (e) { return; }
     if ('viewers' in message) { state.viewers = message.viewers; }
-    if ('camera' in message) {
-      state.camera = message.camera;
-      if (message.camera === 'unavailable') {
+    if ('camera' in message) { state.camera = message.camera; }
+    if ('encoder' in message) { state.encoder = message.encoder; }
+    if ('camera' in message || 'encoder' in message) {
+      if ('why' in message) { state.why = message.why; }
+      if (state.camera === 'unavailable') {
         show('camera unavailable');
+      } else if (state.encoder === 'unavailable') {
+        show('encoder stopped');
       } else if (state.frames > 0) {
         show('playing');
       }
