@@ -374,6 +374,28 @@ def find_ffmpeg(text):
     return os.path.abspath(path)
 
 
+def _as_text(value):
+    """A Config default as the option's text (what --help and
+    /etc/default/pistreaming show): 24, 800k, 1s, 10, 8084."""
+    if isinstance(value, Fraction):
+        return f"{float(value):g}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _bitrate_text(bits):
+    for suffix, scale in (("M", 1_000_000), ("k", 1_000)):
+        if bits % scale == 0:
+            return f"{bits // scale}{suffix}"
+    return str(bits)
+
+
+def _backlog_text(backlog):
+    kind, value = backlog
+    return f"{value:g}s" if kind == "seconds" else str(value)
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -389,13 +411,13 @@ class Options(usage.Options):
     optParameters = [
         ["http", None, Config.http,
          "Endpoint of the HTTP server (page, player, and the stream at /stream)."],
-        ["ws-port", None, "8084",
+        ["ws-port", None, Config.ws.rsplit(":", 1)[1],
          "Extra port that serves only the WebSocket stream: a port number, "
          "an endpoint (tcp:8084:interface=127.0.0.1), or off."],
         ["resolution", "r", f"{Config.width}x{Config.height}", "Picture size, WIDTHxHEIGHT."],
-        ["framerate", "f", "24",
+        ["framerate", "f", _as_text(Config.framerate),
          "Frames per second: " + ", ".join(MPEG1_FRAME_RATES) + "."],
-        ["bitrate", "b", "800k", "Video bit rate, e.g. 800k or 2M."],
+        ["bitrate", "b", _bitrate_text(Config.bitrate), "Video bit rate, e.g. 800k or 2M."],
         ["camera", "c", Config.camera,
          "Frame source: auto (picamera2, else picamera, else test), picamera2, "
          "picamera, test, v4l2:/dev/videoN (a USB webcam), file:PATH (a video file, looped)."],
@@ -406,10 +428,10 @@ class Options(usage.Options):
         ["ffmpeg", None, Config.ffmpeg, "The ffmpeg executable."],
         ["color", None, Config.color, "Page text and frame colour."],
         ["bgcolor", None, Config.bgcolor, "Page background colour."],
-        ["backlog", None, "1s",
+        ["backlog", None, _backlog_text(Config.backlog),
          "What a viewer may have waiting before it skips ahead: a time of video "
          "(1s) or bytes (256k)."],
-        ["viewer-timeout", None, "10",
+        ["viewer-timeout", None, _as_text(Config.viewer_timeout),
          "Seconds a viewer may take nothing before it is closed."],
         ["interface", None, "",
          "Listen on this IP address only (127.0.0.1, ::1, a LAN address); "
@@ -420,7 +442,7 @@ class Options(usage.Options):
         ["allow-origin", None, "",
          "Other origins whose pages may open the stream, comma-separated "
          "(https://example.com); * allows any.  The page's own always may."],
-        ["max-viewers", None, "0", "At most this many viewers at once; 0: no limit."],
+        ["max-viewers", None, _as_text(Config.max_viewers), "At most this many viewers at once; 0: no limit."],
     ]
 
     def __init__(self):
