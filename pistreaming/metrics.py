@@ -1,4 +1,6 @@
-"""The daemon's figures (pistreaming.stats) as Prometheus metrics, for /metrics."""
+"""The daemon's figures (pistreaming.stats) as Prometheus metrics, for /metrics.
+
+Only counts and totals: no viewer's address, whoever asks."""
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -22,7 +24,7 @@ class StatsCollector:
         self.stats = stats
 
     def collect(self):
-        s = self.stats.gather()
+        s = self.stats.gather(addresses=False)
         stream, camera, encoder = s["stream"], s["camera"], s["encoder"]
         broadcast, viewers = s["broadcast"], s["viewers"]
         yield _gauge("pistream_uptime_seconds", "Seconds since the daemon started.",

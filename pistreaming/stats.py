@@ -1,6 +1,24 @@
 """The daemon's figures: counters read from each stage, rates and latencies
 over a recent window.  /stats.json shows them as JSON and /metrics in the
-Prometheus text format (pistreaming.web)."""
+Prometheus text format (pistreaming.web).
+
+The JSON (L{Stats.gather}) is one object: ``uptime`` (seconds), ``stream``
+(size, frame rate and bit rate set and measured), ``camera``, ``encoder``,
+``frames_dropped_before_encoder``, ``latency_ms`` (per stage: count, p50,
+p95, max over the last minute), ``broadcast`` (byte counters, skips,
+viewers turned away, the backlog limit) and ``viewers``: ``max``,
+``count``, ``total`` and ``list``, one object per viewer connected now::
+
+    {"address": "192.0.2.7:51234", "connected_since": 1700000000.0,
+     "connected_for": 12.5, "bytes_sent": 123456, "backlog": 0,
+     "stalled": false, "skips": 0}
+
+``address`` is the viewer's address and port, or ``"hidden"`` when the
+figures go to someone who may not see them (``gather(addresses=False)``:
+pistreaming.web hides them from requests that come from another machine
+without a password protecting the figures).  /metrics carries no
+addresses at all.
+"""
 
 import collections
 import math
@@ -127,12 +145,15 @@ class Stats(service.Service):
             "failures": camera.failures,
         }
 
-    def gather(self):
+    def gather(self, addresses=True):
+        """The figures (see the module's docstring); with C{addresses}
+        false, each viewer's address is "hidden"."""
         d = self.daemon
         now = self.reactor.seconds()
         config = d.config
         camera, encoder, factory = d.camera, d.encoder, d.factory
         process = encoder.process
+        viewers = factory.describe()
         return {
             "uptime": round(now - self.started_at, 3),
             "stream": {
@@ -171,6 +192,7 @@ class Stats(service.Service):
                 "max": factory.max_viewers or None,
                 "count": len(factory.viewers),
                 "total": factory.viewers_total,
-                "list": factory.describe(),
+                "list": viewers if addresses else [
+                    dict(viewer, address="hidden") for viewer in viewers],
             },
         }
