@@ -16,12 +16,23 @@ With --passwd, all of them (the stream too) stand behind pistreaming.auth's
 Gate.  Every response names no server version and carries a restrictive
 Content-Security-Policy and nosniff; requests must be whole within
 REQUEST_DEADLINE seconds and idle connections close after IDLE_TIMEOUT.
+
+Before any of that, the Host header must name this camera
+(pistreaming.hosts, against DNS rebinding): a request for another name gets
+421 Misdirected Request, whatever its path and before any password check.
+``OPTIONS *`` gets 405 (Allow: GET, HEAD, as any OPTIONS here), any other
+method with ``*`` 400; a request with more than one Host header gets 400.
+
+/stats.json lists the viewers' addresses only to a request from the
+loopback interface, or when a password protects it; anyone else sees
+"hidden" in their place.  /metrics carries no addresses.
 """
 
 import base64
 import gzip
 import hashlib
 import html
+import ipaddress
 import json
 import os
 import re
@@ -31,7 +42,8 @@ from autobahn.twisted.resource import WebSocketResource
 from twisted.logger import Logger
 from twisted.web import http, resource, server
 
-from pistreaming.auth import Gate
+from pistreaming.auth import Gate, address_of
+from pistreaming.hosts import host_name, is_ip_literal
 from pistreaming.httpchannel import IDLE_TIMEOUT, REQUEST_DEADLINE, Channel  # noqa: F401
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -140,7 +152,8 @@ class StaticBytes(GetOnly):
 
 
 class LiveDocument(GetOnly):
-    """A document made anew for each request (never cached)."""
+    """A document made anew for each request (never cached): C{produce}
+    is called with the request and gives the body."""
 
     def __init__(self, produce, content_type):
         super().__init__()
@@ -148,7 +161,7 @@ class LiveDocument(GetOnly):
         self.content_type = content_type
 
     def render_GET(self, request):
-        body = self.produce()
+        body = self.produce(request)
         request.setHeader(b"content-type", self.content_type)
         request.setHeader(b"cache-control", b"no-store")
         request.setHeader(b"content-length", b"%d" % len(body))
@@ -157,8 +170,29 @@ class LiveDocument(GetOnly):
     render_HEAD = render_GET
 
 
-def stats_json(stats):
-    return lambda: (json.dumps(stats.gather(), indent=1) + "\n").encode("utf-8")
+def is_loopback(address):
+    """Whether a Twisted address (IPv4Address, IPv6Address) is on the
+    loopback interface: 127.0.0.0/8, ::1, or ::ffff:127.x."""
+    host = getattr(address, "host", None)
+    if not isinstance(host, str):
+        return False
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def stats_json(stats, protected=False):
+    """/stats.json's producer.  The viewers' addresses are shown when a
+    password protects the figures (C{protected}) or to a request from the
+    loopback interface; to anyone else each is "hidden"."""
+    def produce(request):
+        addresses = protected or is_loopback(request.getClientAddress())
+        return (json.dumps(stats.gather(addresses=addresses), indent=1) + "\n").encode("utf-8")
+    return produce
 
 
 def metrics_text(stats):
@@ -169,7 +203,55 @@ def metrics_text(stats):
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StatsCollector(stats))
-    return (lambda: generate_latest(registry)), CONTENT_TYPE_LATEST.encode()
+    return (lambda request: generate_latest(registry)), CONTENT_TYPE_LATEST.encode()
+
+
+def _tokens(value):
+    return {t.strip().lower() for t in (value or b"").split(b",")}
+
+
+_KEY = re.compile(rb"^[A-Za-z0-9+/]{21}[AQgw]==$")  # base64 of 16 bytes
+
+
+class Stream(resource.Resource):
+    """/stream: a WebSocket opening handshake goes on to Autobahn (and the
+    stream's factory); anything else is answered here, with the headers
+    every answer carries.  (Autobahn's own refusals go out without them,
+    and with what the client sent in their status line.)"""
+
+    isLeaf = True
+
+    def __init__(self, factory):
+        super().__init__()
+        self.websocket = WebSocketResource(factory)
+
+    def render(self, request):
+        if request.method != b"GET":
+            return refuse(request, 405, b"405 method not allowed\n", allow=b"GET")
+        headers = request.requestHeaders
+        if b"websocket" not in _tokens(request.getHeader(b"upgrade")):
+            request.setHeader(b"upgrade", b"websocket")
+            return refuse(request, 426, b"426 the stream is a WebSocket: open the page at / "
+                          b"to watch it\n")
+        keys = headers.getRawHeaders(b"sec-websocket-key") or []
+        versions = headers.getRawHeaders(b"sec-websocket-version") or []
+        if (b"upgrade" not in _tokens(request.getHeader(b"connection"))
+                or len(keys) != 1 or not _KEY.match(keys[0].strip())):
+            return refuse(request, 400, b"400 not a WebSocket opening handshake\n")
+        if versions != [b"13"]:
+            request.setHeader(b"sec-websocket-version", b"13")
+            return refuse(request, 426, b"426 WebSocket version 13 only\n")
+        return self.websocket.render(request)
+
+
+def refuse(request, code, body, allow=None):
+    """A short plain-text error answer from a resource's render."""
+    request.setResponseCode(code)
+    if allow is not None:
+        request.setHeader(b"allow", allow)
+    request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+    request.setHeader(b"content-length", b"%d" % len(body))
+    return b"" if request.method == b"HEAD" else body
 
 
 class Root(resource.Resource):
@@ -197,16 +279,77 @@ class Root(resource.Resource):
         return resource.NoResource().render(request)
 
 
-class Request(server.Request):
-    """Adds the headers every response carries, and names no server version."""
+def shown(raw, limit=100):
+    """Something a client sent, for a log line: at most C{limit} bytes,
+    anything but printable ASCII escaped."""
+    text = repr(bytes(raw[:limit]))[2:-1]
+    return text + ("..." if len(raw) > limit else "")
 
-    def render(self, resrc):
+
+class Request(server.Request):
+    """Checks the Host header before anything else (no route, no password
+    check, for a name this camera does not answer to), answers the
+    asterisk form (C{OPTIONS *}) itself, and adds the headers every response
+    carries, naming no server version, whichever way the answer goes out."""
+
+    #: Whether the Host header was found to name this camera.
+    host_allowed = False
+
+    def process(self):
+        self.site = self.channel.site
+        self.setHeader(b"date", http.datetimeToString())
+        hosts = self.requestHeaders.getRawHeaders(b"host") or []
+        if len(hosts) > 1:
+            self.answer(400, b"Bad Request", b"400 a request names one host\n")
+            return
+        host = hosts[0] if hosts else None
+        policy = self.site.hosts
+        if policy is not None and not policy.allows(host):
+            self.misdirected(host)
+            return
+        self.host_allowed = True
+        if self.path == b"*":
+            # Twisted answers these itself without the headers below.
+            if self.method == b"OPTIONS":
+                self.answer(405, b"Method Not Allowed",
+                            b"405 method not allowed\n", allow=b"GET, HEAD")
+            else:
+                self.answer(400, b"Bad Request", b"400 * is an address for OPTIONS only\n")
+            return
+        super().process()
+
+    def misdirected(self, host):
+        log.warn("HTTP request from {address} for {host}, a name this camera does not "
+                 "answer to: 421 (if it is this camera's, add it with --allow-host)",
+                 address=address_of(self.getClientAddress()), host=shown(host))
+        name = host_name(host)
+        name = name.encode("ascii") if name is not None and not is_ip_literal(name) else b"NAME"
+        self.answer(421, b"Misdirected Request",
+                    b"421 this camera does not answer to that name; if it is the "
+                    b"camera's, start pistream with --allow-host " + name + b"\n")
+
+    def answer(self, code, message, body, allow=None):
+        """A short plain-text answer, given here rather than by a resource."""
+        body = refuse(self, code, body, allow)
+        self.setResponseCode(code, message)  # (Twisted has no phrase for 421)
+        if body:
+            self.write(body)
+        self.finish()
+
+    def write(self, data):
+        if not self.startedWriting:
+            self.add_standard_headers()
+        super().write(data)
+
+    def add_standard_headers(self):
         self.setHeader(b"server", b"pistream")
         self.setHeader(b"x-content-type-options", b"nosniff")
         self.setHeader(b"referrer-policy", b"no-referrer")
+        # The policy names the request's host for the stream only if it is
+        # this camera's.
+        host = self.getHeader(b"host") if self.host_allowed else None
         self.setHeader(b"content-security-policy", content_security_policy(
-            self.getHeader(b"host"), self.site.styles, self.site.scripts))
-        super().render(resrc)
+            host, self.site.styles, self.site.scripts))
 
 
 _HOST = re.compile(rb"^[A-Za-z0-9.-]+(:\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](:\d{1,5})?$")
@@ -228,12 +371,30 @@ def content_security_policy(host, styles=b"", scripts=b""):
 
 
 class Site(server.Site):
-    #: What the policy's style-src allows besides 'self': the page's inline
-    #: style and the player's (L{player_styles}), by hash.
-    styles = b""
-    #: What the policy's script-src allows besides 'self' and WebAssembly:
-    #: the page's inline script, by hash.
-    scripts = b""
+    """The daemon's HTTP site: L{Channel} connections, L{Request}s, and no
+    tracebacks shown to clients."""
+
+    protocol = Channel
+    requestFactory = Request
+    displayTracebacks = False
+
+    def __init__(self, resource, styles=b"", scripts=b"", hosts=None, pending=None, **kwargs):
+        """
+        @param styles: what the policy's style-src allows besides 'self':
+            the page's inline style and the player's (L{player_styles}), by hash.
+        @param scripts: what the policy's script-src allows besides 'self'
+            and WebAssembly: the page's inline script, by hash.
+        @param hosts: the L{pistreaming.hosts.HostPolicy} every request's
+            Host header must pass (None: no check).
+        @param pending: the L{pistreaming.admission.PendingConnections}
+            the connections (L{Channel}) are counted in (None: not counted).
+        @param kwargs: for twisted.web.server.Site (timeout, reactor).
+        """
+        super().__init__(resource, **kwargs)
+        self.styles = styles
+        self.scripts = scripts
+        self.hosts = hosts
+        self.pending = pending
 
 
 def inline(text, tag):
@@ -268,10 +429,15 @@ def render_theme(config):
     return (f":root {{ --fg: {config.color}; --bg: {config.bgcolor}; }}\n").encode("ascii")
 
 
-def make_site(config, stream_factory, stats=None, player=None, authenticator=None, reactor=None):
+def make_site(config, stream_factory, stats=None, player=None, authenticator=None,
+              reactor=None, hosts=None, pending=None):
     """The Site for C{config}; C{stream_factory} serves /stream and C{stats}
     (a L{pistreaming.stats.Stats}) /stats.json and /metrics.  With an
-    C{authenticator} (pistreaming.auth), all of it needs credentials."""
+    C{authenticator} (pistreaming.auth), all of it needs credentials.
+    C{hosts} (a L{pistreaming.hosts.HostPolicy}) is the names requests may
+    be for (None: any); C{pending} (a
+    L{pistreaming.admission.PendingConnections}) counts the connections
+    that have not sent a whole request yet (None: not counted)."""
     if player is None:
         player = read_player()
     template = read_static("index.html").decode("utf-8")
@@ -290,16 +456,13 @@ def make_site(config, stream_factory, stats=None, player=None, authenticator=Non
         render_page(template, config, {"jsmpg_js": parts["jsmpg_js"]}, script, style),
         b"text/html; charset=utf-8")
     if stats is not None:
-        pages[b"stats.json"] = LiveDocument(stats_json(stats), b"application/json")
+        pages[b"stats.json"] = LiveDocument(
+            stats_json(stats, protected=authenticator is not None), b"application/json")
         pages[b"metrics"] = LiveDocument(*metrics_text(stats))
-    root = Root(pages, WebSocketResource(stream_factory))
+    root = Root(pages, Stream(stream_factory))
     if authenticator is not None:
         root = Gate(root, authenticator)
     kwargs = {"reactor": reactor} if reactor is not None else {}
-    site = Site(root, timeout=IDLE_TIMEOUT, **kwargs)
-    site.styles = b" " + csp_hash(style) + player_styles(player)
-    site.scripts = b" " + csp_hash(script)
-    site.protocol = Channel
-    site.requestFactory = Request
-    site.displayTracebacks = False
-    return site
+    return Site(root, styles=b" " + csp_hash(style) + player_styles(player),
+                scripts=b" " + csp_hash(script), hosts=hosts, pending=pending,
+                timeout=IDLE_TIMEOUT, **kwargs)
