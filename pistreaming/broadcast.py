@@ -724,7 +724,8 @@ class StreamFactory(WebSocketServerFactory):
         logged[key] = now
         pending = self.pending
         if pending.count >= pending.total:
-            why = f"{pending.count} connections have not sent their request ({pending.total} at most)"
+            why = (f"{pending.count} connections have not sent their request "
+                   f"({pending.total} at most)")
         else:
             why = (f"{pending.by_address.get(key, 0)} of its connections have not sent their "
                    f"request ({pending.per_address} at most)")
