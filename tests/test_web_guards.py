@@ -9,17 +9,13 @@ import re
 from types import SimpleNamespace
 
 import pytest
-from twisted.cred import credentials as creds
-from twisted.cred import error as cred_error
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.internet import defer
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import globalLogPublisher
-from zope.interface import implementer
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 
 from pistreaming import web
-from pistreaming.auth import Authenticator
+from pistreaming.auth import Authenticator, PasswordFile, hash_password
 from pistreaming.broadcast import StreamFactory
 from pistreaming.frames import stream_header
 from pistreaming.hosts import HostPolicy
@@ -33,22 +29,37 @@ PAGES = ["/", "/index.html", "/jsmpg.js", "/stats.json", "/metrics", "/nothing-h
 VIEWER = "198.51.100.23:51234"
 
 
-# -- the site, a stand-in daemon for its figures, and a recording password check
+# -- the site, a stand-in daemon for its figures, and the password check ---------
 
-@implementer(ICredentialsChecker)
-class RecordingChecker:
-    """alice's password is "wonder land"; every check is recorded."""
-
-    credentialInterfaces = (creds.IUsernamePassword,)
+class Hashing:
+    """A reactor's thread pool that runs the password hashing at once, and
+    counts it."""
 
     def __init__(self):
-        self.calls = []
+        self.runs = 0
 
-    def requestAvatarId(self, credentials):
-        self.calls.append(credentials.username)
-        if credentials.username == b"alice" and credentials.password == b"wonder land":
-            return defer.succeed("alice")
-        return defer.fail(cred_error.UnauthorizedLogin())
+    def callInThreadWithCallback(self, on_result, f, *args, **kwargs):
+        self.runs += 1
+        try:
+            result = f(*args, **kwargs)
+        except Exception:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class Checks:
+    """Records the Authenticator's checks (the Gate's one way in)."""
+
+    def __init__(self, authenticator, hashing):
+        self.calls = []
+        self.hashing = hashing
+        check = authenticator.authenticate
+
+        def authenticate(authorization, *args, **kwargs):
+            self.calls.append(authorization)
+            return check(authorization, *args, **kwargs)
+        authenticator.authenticate = authenticate
 
 
 ALICE = b"Basic " + base64.b64encode(b"alice:wonder land")
@@ -68,18 +79,30 @@ def fake_daemon(reactor):
                            factory=factory)
 
 
-def make(hosts=HostPolicy(allowed=["camera.example"], hostname=HOSTNAME), password=False):
+@pytest.fixture(scope="module")
+def password_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("auth") / "passwd"
+    path.write_text("alice:" + hash_password("wonder land", iterations=1000) + "\n")
+    return str(path)
+
+
+def make(hosts=HostPolicy(allowed=["camera.example"], hostname=HOSTNAME), password=None):
+    """The site, with its own clock; with a C{password} file, behind the Gate."""
     reactor = MemoryReactorClock()
+    hashing = Hashing()
+    reactor.getThreadPool = lambda: hashing
+    reactor.callFromThread = lambda f, *args, **kwargs: f(*args, **kwargs)
     stats = Stats(fake_daemon(reactor), reactor)
-    authenticator = checker = None
+    authenticator = checks = None
     if password:
-        authenticator = Authenticator(SimpleNamespace(users=lambda: {}), reactor)
-        checker = authenticator.checker = RecordingChecker()
-    site = web.make_site(Config(ffmpeg="/usr/bin/ffmpeg"),
-                         StreamFactory(stream_header(640, 480), reactor), stats=stats,
+        authenticator = Authenticator(PasswordFile(password), reactor)
+        checks = Checks(authenticator, hashing)
+    factory = StreamFactory(stream_header(640, 480), reactor)
+    factory.hosts = hosts  # the stream's own check of the handshake, where it has one
+    site = web.make_site(Config(ffmpeg="/usr/bin/ffmpeg"), factory, stats=stats,
                          player=b"//", authenticator=authenticator, reactor=reactor,
                          hosts=hosts)
-    return SimpleNamespace(site=site, reactor=reactor, checker=checker)
+    return SimpleNamespace(site=site, reactor=reactor, checks=checks)
 
 
 class Answer:
@@ -128,7 +151,6 @@ def logged():
 
 
 def lines_about(events, word):
-    from twisted.logger import formatEvent
     return [formatEvent(e) for e in events if word in formatEvent(e)]
 
 
@@ -177,15 +199,15 @@ def test_the_421_names_the_option_to_add_a_sane_name_only():
 
 
 @pytest.mark.parametrize("path", PAGES + ["/stream"])
-def test_a_name_with_a_nul_is_refused_before_any_password_check(path):
+def test_a_name_with_a_nul_is_refused_before_any_password_check(path, password_file):
     """(Twisted 26 refuses such a header itself, with a bare 400; 22.4
     passes it on, and the Host check answers 421.)"""
-    guarded = make(password=True)
+    guarded = make(password=password_file)
     answer = ask(guarded.site, "GET", path, host=b"campi\x00.evil",
                  headers=[("Authorization", ALICE.decode())])
     assert answer.status in (400, 421), answer.status_line
     assert answer.header("WWW-Authenticate") is None and b"viewers" not in answer.body
-    assert guarded.checker.calls == []
+    assert guarded.checks.calls == [] and guarded.checks.hashing.runs == 0
 
 
 def test_a_stream_upgrade_for_another_name_gets_421_not_a_websocket():
@@ -196,16 +218,16 @@ def test_a_stream_upgrade_for_another_name_gets_421_not_a_websocket():
 
 
 @pytest.mark.parametrize("path", PAGES + ["/stream"])
-def test_another_name_is_refused_before_any_password_check(path):
-    guarded = make(password=True)
+def test_another_name_is_refused_before_any_password_check(path, password_file):
+    guarded = make(password=password_file)
     answer = ask(guarded.site, "GET", path, host="evil.example",
                  headers=[("Authorization", ALICE.decode())])
     assert answer.status == 421
     assert answer.header("WWW-Authenticate") is None
-    assert guarded.checker.calls == []
+    assert guarded.checks.calls == [] and guarded.checks.hashing.runs == 0
     # The same request for the camera's own name goes through the check.
     assert ask(guarded.site, "GET", "/", headers=[("Authorization", ALICE.decode())]).status == 200
-    assert guarded.checker.calls == [b"alice"]
+    assert guarded.checks.calls == [ALICE] and guarded.checks.hashing.runs > 0
 
 
 def test_a_refusal_is_logged_in_one_line_with_the_name_cut_short_and_escaped(logged):
@@ -273,8 +295,8 @@ def test_a_421_carries_the_headers_without_the_name_in_its_policy():
     carries_the_standard_headers(answer, host_in_policy=None)
 
 
-def test_a_401_carries_the_headers():
-    answer = ask(make(password=True).site, "GET", "/index.html")
+def test_a_401_carries_the_headers(password_file):
+    answer = ask(make(password=password_file).site, "GET", "/index.html")
     assert answer.status == 401
     carries_the_standard_headers(answer, "127.0.0.1:8082")
 
@@ -326,8 +348,8 @@ def test_other_addresses_do_not(peer):
     assert viewer["address"] == "hidden"
 
 
-def test_with_a_password_the_addresses_are_shown_to_those_who_have_it():
-    [viewer] = viewers(make(password=True).site, OUTSIDE,
+def test_with_a_password_the_addresses_are_shown_to_those_who_have_it(password_file):
+    [viewer] = viewers(make(password=password_file).site, OUTSIDE,
                        headers=[("Authorization", ALICE.decode())])["list"]
     assert viewer["address"] == VIEWER
 
