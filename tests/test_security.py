@@ -103,6 +103,10 @@ def test_the_file_is_read_again_when_it_changes(tmp_path):
     assert sorted(users.users()) == ["ann", "ben"]
     path.write_text("garbage\n")  # a broken edit: the users read before stay
     assert sorted(users.users()) == ["ann", "ben"]
+    path.unlink()  # and so does a deleted file
+    assert sorted(users.users()) == ["ann", "ben"]
+    path.write_text(f"cy:{hash_password('c')}\n")
+    assert list(users.users()) == ["cy"]
 
 
 # -- the running daemon with --passwd -------------------------------------
@@ -148,30 +152,40 @@ def test_the_stream_refuses_wrong_credentials_on_either_port(guarded, port_name)
     assert e.value.status_code == 401
 
 
-def test_failures_are_logged_with_the_address_and_slowed_down(password_file):
+def test_failures_are_logged_with_the_address_and_then_refused(password_file):
     with Daemon("--passwd", str(password_file)) as guarded:
         mark = len(guarded.lines)
-        timings = []
-        for _ in range(6):
+        bob = {"Authorization": basic("bob", "builder")}
+        response, _ = get(guarded.http_port, "/pistream.css", bob)  # bob logged in before
+        assert response.status == 200
+        answers = []
+        for i in range(8):
             started = time.monotonic()
             response, _ = get(guarded.http_port, "/index.html",
-                              {"Authorization": basic("mallory", "guess")})
-            timings.append(time.monotonic() - started)
-            assert response.status == 401
+                              {"Authorization": basic("mallory", f"guess {i}")})
+            answers.append((response.status, response.getheader("Retry-After"),
+                            time.monotonic() - started))
         response, _ = get(guarded.http_port, "/index.html")  # no credentials: logged
         guarded.wait_for(r"/index.html from 127\.0\.0\.1 without credentials: 401", 5,
                          start=mark)
         guarded.wait_for(r"authentication failed for /index.html from 127\.0\.0\.1 "
                          r"\(user mallory; wrong 1 times in 5 min\)", 5, start=mark)
-        guarded.wait_for(r"answering in 4s", 5, start=mark)
-        # The first few answers come at once; later ones wait longer and longer.
-        assert max(timings[:2]) < 1.0
-        assert timings[-1] >= 3.5 and timings[-1] > timings[-2] >= 1.5
-        # A right password from the same address is not held up.
+        guarded.wait_for(r"\(user mallory; wrong 4 times in 5 min\); refusing it for 1s", 5,
+                         start=mark)
+        # The first few are checked and answered 401; then the address is
+        # refused before its passwords are looked at, at once, with 429 and
+        # the seconds until it may try again.
+        assert [status for status, _, _ in answers[:4]] == [401] * 4, answers
+        refused = [(retry, seconds) for status, retry, seconds in answers[4:] if status == 429]
+        assert refused and all(retry in ("1", "2", "4") and seconds < 1.0
+                               for retry, seconds in refused), answers
+        guarded.wait_for(r"authentication for /index.html from 127\.0\.0\.1: too many failed "
+                         r"attempts; refusing for [124]s", 5, start=mark)
+        # A user who logged in from this address before is not held up.
         started = time.monotonic()
-        response, _ = get(guarded.http_port, "/pistream.css",
-                          {"Authorization": basic("bob", "builder")})
-        assert response.status == 200 and time.monotonic() - started < 2.0
+        response, _ = get(guarded.http_port, "/pistream.css", bob)
+        assert (response.status, response.getheader("Retry-After")) == (200, None)
+        assert time.monotonic() - started < 2.0
 
 
 # -- origins ---------------------------------------------------------------
