@@ -254,6 +254,19 @@ def refuse(request, code, body, allow=None):
     return b"" if request.method == b"HEAD" else body
 
 
+class NotFound(resource.Resource):
+    """404, in plain text, for any method.  (Twisted's NoResource is
+    deprecated from 22.10 on, and its page is HTML.)"""
+
+    isLeaf = True
+
+    def render(self, request):
+        return refuse(request, 404, b"404 not found\n")
+
+
+NOT_FOUND = NotFound()
+
+
 class Root(resource.Resource):
     def __init__(self, pages, stream):
         super().__init__()
@@ -263,7 +276,7 @@ class Root(resource.Resource):
     def getChild(self, name, request):
         if name == b"":
             if request.postpath:  # "//something"
-                return resource.NoResource()
+                return NOT_FOUND
             # The page itself, not a redirect to it: a browser opening
             # http://pi:8082/ saves a round trip before its first picture.
             # (The page's addresses are relative: the same from either.)
@@ -273,10 +286,10 @@ class Root(resource.Resource):
         page = self.pages.get(name)
         if page is not None and not request.postpath:
             return page
-        return resource.NoResource()
+        return NOT_FOUND
 
     def render(self, request):  # "/" itself never reaches here; getChild(b"") does.
-        return resource.NoResource().render(request)
+        return NOT_FOUND.render(request)
 
 
 def shown(raw, limit=100):
