@@ -14,7 +14,9 @@ from pistreaming.broadcast import BroadcastService, StreamFactory
 from pistreaming.camera import choose_source
 from pistreaming.camera.service import CameraService
 from pistreaming.encoder import Encoder, ffmpeg_command
+from pistreaming.admission import PendingConnections
 from pistreaming.frames import stream_header
+from pistreaming.hosts import HostPolicy
 from pistreaming.memory import Collector
 from pistreaming.stats import Stats
 from pistreaming.web import make_site
@@ -32,12 +34,22 @@ class Pistream(service.MultiService):
         geometry = config.geometry
         self.source = source
         second_of_video = config.bitrate // 8
+        self.authenticator = None
+        if config.passwd:
+            from pistreaming.auth import Authenticator, PasswordFile
+            self.authenticator = Authenticator(PasswordFile(config.passwd), reactor)
+        # Which names requests may give in Host (DNS rebinding), and the
+        # connections that have not sent a whole request yet, capped per
+        # address and overall (one count for both ports).
+        self.hosts = HostPolicy(config.allow_hosts)
+        self.pending = PendingConnections()
         self.factory = StreamFactory(
             stream_header(config.width, config.height), reactor,
             # Half a second of video in the kernel, at most, per viewer.
-            send_buffer=max(64 * 1024, second_of_video // 2))
-        self.factory.backlog_limit = config.backlog_bytes
-        self.factory.stuck_timeout = config.viewer_timeout
+            send_buffer=max(64 * 1024, second_of_video // 2),
+            backlog_limit=config.backlog_bytes, stuck_timeout=config.viewer_timeout,
+            authenticator=self.authenticator, allow_origins=config.allow_origins,
+            max_viewers=config.max_viewers, hosts=self.hosts, pending=self.pending)
         self.stats = Stats(self, reactor)
         # A source ffmpeg reads itself says how; the others hand raw frames over.
         video_input = source.ffmpeg_input() if hasattr(source, "ffmpeg_input") else None
@@ -56,15 +68,9 @@ class Pistream(service.MultiService):
             self.camera = CameraService(source, geometry.frame_size, self.encoder.feed, reactor,
                                         on_state=self._camera_state)
         self.camera_reason = why
-        self.authenticator = None
-        if config.passwd:
-            from pistreaming.auth import Authenticator, PasswordFile
-            self.authenticator = Authenticator(PasswordFile(config.passwd), reactor)
-        self.factory.authenticator = self.authenticator
-        self.factory.allow_origins = config.allow_origins
-        self.factory.max_viewers = config.max_viewers
         self.site = make_site(config, self.factory, stats=self.stats, player=player,
-                              authenticator=self.authenticator, reactor=reactor)
+                              authenticator=self.authenticator, reactor=reactor,
+                              hosts=self.hosts, pending=self.pending)
 
         # Listening ports first: a port that cannot be bound stops start-up.
         self.http = strports.service(config.http, self.site, reactor=reactor)
