@@ -707,7 +707,7 @@ def test_a_foreign_host_name_gets_421_on_every_port(default):
     default.assert_well(since)
 
 
-def test_allow_host_adds_a_name(password_file):
+def test_allow_host_adds_a_name():
     with Daemon("--framerate", str(RATE), "--allow-host", "camera.example") as daemon:
         target = Target(daemon)
         try:
