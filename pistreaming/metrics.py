@@ -52,6 +52,9 @@ class StatsCollector:
         dropped.add_metric(["camera"], camera["frames_dropped"])
         dropped.add_metric(["encoder"], encoder["frames_dropped"])
         yield dropped
+        yield _gauge("pistream_encoder_up",
+                     "1 while pictures come out of the encoder (ffmpeg); 0 while it "
+                     "starts, or stopped and is being restarted.", 1 if encoder["state"] == "ok" else 0)
         yield _counter("pistream_encoder_frames", "Frames written to ffmpeg.",
                        encoder["frames_in"])
         yield _counter("pistream_encoder_pictures", "Pictures ffmpeg encoded.",
@@ -67,6 +70,9 @@ class StatsCollector:
         yield _counter("pistream_discarded_bytes",
                        "Video bytes discarded because nobody watched.",
                        broadcast["bytes_discarded"])
+        yield _counter("pistream_connections_refused_pending",
+                       "Connections dropped at once because too many had not sent "
+                       "their request yet.", s["connections"]["refused_pending"])
         yield _gauge("pistream_bitrate_bits_per_second",
                      "Encoded bit rate over the last seconds.", stream["bitrate"])
         yield _gauge("pistream_framerate_per_second",

@@ -10,15 +10,16 @@ from twisted.internet import error
 from twisted.logger import Logger
 
 from pistreaming.annotate import drawtext_filter
-from pistreaming.broadcast import BroadcastService, StreamFactory
+from pistreaming.broadcast import StreamFactory
 from pistreaming.camera import choose_source
 from pistreaming.camera.service import CameraService
 from pistreaming.encoder import Encoder, ffmpeg_command
+from pistreaming.fanout import BroadcastService
 from pistreaming.admission import PendingConnections
 from pistreaming.frames import stream_header
 from pistreaming.hosts import HostPolicy
 from pistreaming.memory import Collector
-from pistreaming.stats import Stats
+from pistreaming.stats import PictureTimes, Stats
 from pistreaming.web import make_site
 
 log = Logger()
@@ -50,7 +51,8 @@ class Pistream(service.MultiService):
             backlog_limit=config.backlog_bytes, stuck_timeout=config.viewer_timeout,
             authenticator=self.authenticator, allow_origins=config.allow_origins,
             max_viewers=config.max_viewers, hosts=self.hosts, pending=self.pending)
-        self.stats = Stats(self, reactor)
+        self.fanout = self.factory.fanout
+        self.times = PictureTimes()
         # A source ffmpeg reads itself says how; the others hand raw frames over.
         video_input = source.ffmpeg_input() if hasattr(source, "ffmpeg_input") else None
         filters = []
@@ -59,8 +61,8 @@ class Pistream(service.MultiService):
         self.encoder = Encoder(
             ffmpeg_command(config.ffmpeg, geometry, config.framerate, config.bitrate,
                            video_input, filters),
-            self.factory.broadcast, reactor, framerate=config.framerate,
-            timings=self.stats.picture_timing, reads_stdin=video_input is None,
+            self.fanout.broadcast, reactor, framerate=config.framerate,
+            timings=self.times.add, reads_stdin=video_input is None,
             frame_size=geometry.frame_size, on_state=self._encoder_state,
         )
         self.camera = None
@@ -68,6 +70,8 @@ class Pistream(service.MultiService):
             self.camera = CameraService(source, geometry.frame_size, self.encoder.feed, reactor,
                                         on_state=self._camera_state)
         self.camera_reason = why
+        self.stats = Stats(reactor, config, source, self.encoder, self.fanout, self.factory,
+                           camera=self.camera, pending=self.pending, times=self.times)
         self.site = make_site(config, self.factory, stats=self.stats, player=player,
                               authenticator=self.authenticator, reactor=reactor,
                               hosts=self.hosts, pending=self.pending)
@@ -79,7 +83,7 @@ class Pistream(service.MultiService):
         if config.ws:
             self.ws = strports.service(config.ws, self.factory, reactor=reactor)
             self.ws.setServiceParent(self)
-        BroadcastService(self.factory, reactor).setServiceParent(self)
+        BroadcastService(self.fanout, reactor).setServiceParent(self)
         self.stats.setServiceParent(self)
         self.encoder.setServiceParent(self)
         if self.camera is not None:
@@ -91,16 +95,16 @@ class Pistream(service.MultiService):
     def _camera_state(self, state, why):
         # Viewers (the page) are told, so a stalled camera does not look like
         # a frozen picture.
-        self.factory.set_status(camera=state, why=why)
+        self.fanout.set_status(camera=state, why=why)
 
     def _encoder_state(self, state, why):
         # A source that ffmpeg reads itself (a webcam, a file) fails as ffmpeg
         # does: for the page that is the camera.  Otherwise the encoder is a
         # stage of its own, and the page says which one stopped.
         if self.camera is None:
-            self.factory.set_status(camera="unavailable" if state != "ok" else "ok", why=why)
+            self.fanout.set_status(camera="unavailable" if state != "ok" else "ok", why=why)
         else:
-            self.factory.set_status(encoder=state, why=why)
+            self.fanout.set_status(encoder=state, why=why)
 
     def privilegedStartService(self):
         # Ports are bound here (before twistd drops privileges); a port that

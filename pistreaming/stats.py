@@ -3,10 +3,13 @@ over a recent window.  /stats.json shows them as JSON and /metrics in the
 Prometheus text format (pistreaming.web).
 
 The JSON (L{Stats.gather}) is one object: ``uptime`` (seconds), ``stream``
-(size, frame rate and bit rate set and measured), ``camera``, ``encoder``,
-``frames_dropped_before_encoder``, ``latency_ms`` (per stage: count, p50,
-p95, max over the last minute), ``broadcast`` (byte counters, skips,
-viewers turned away, the backlog limit) and ``viewers``: ``max``,
+(size, frame rate and bit rate set and measured), ``camera``, ``encoder``
+(its ``state``: "starting", "ok" or "unavailable", and ``why``; its
+counters), ``frames_dropped_before_encoder``, ``latency_ms`` (per stage:
+count, p50, p95, max over the last minute), ``broadcast`` (byte counters,
+skips, viewers turned away, the backlog limit), ``connections``
+(``refused_pending``: connections dropped at once, on either port,
+because too many had not sent their whole request yet) and ``viewers``: ``max``,
 ``count``, ``total`` and ``list``, one object per viewer connected now::
 
     {"address": "192.0.2.7:51234", "connected_since": 1700000000.0,
@@ -23,8 +26,7 @@ addresses at all.
 import collections
 import math
 
-from twisted.application import service
-from twisted.internet import task
+from twisted.application.internet import TimerService
 
 
 def percentile(sorted_values, fraction):
@@ -87,39 +89,62 @@ class Rate:
         return (v1 - v0) / (t1 - t0)
 
 
-class Stats(service.Service):
-    """Gathers figures from the running daemon (L{pistreaming.service.Pistream})."""
+class PictureTimes:
+    """How long pictures took, per stage, over the last minute: the
+    encoder reports each picture (L{add})."""
 
-    name = "stats"
-    sample_interval = 1.0
-
-    def __init__(self, daemon, reactor):
-        self.daemon = daemon
-        self.reactor = reactor
-        self.started_at = reactor.seconds()
+    def __init__(self):
         self.camera_to_encoder = Window()
         self.in_encoder = Window()
-        self.bitrate = Rate(lambda: daemon.encoder.bytes_out * 8)
-        self.framerate = Rate(lambda: daemon.encoder.pictures_out)
-        self._sampler = None
 
-    def picture_timing(self, captured_at, written_at, out_at):
+    def add(self, captured_at, written_at, out_at):
         """From the encoder: when a picture's frame was captured, written to
         ffmpeg, and came out encoded."""
         self.camera_to_encoder.add(out_at, written_at - captured_at)
         self.in_encoder.add(out_at, out_at - written_at)
 
-    def startService(self):
-        super().startService()
-        self.started_at = self.reactor.seconds()
-        self._sampler = task.LoopingCall(self._sample)
-        self._sampler.clock = self.reactor
-        self._sampler.start(self.sample_interval, now=True)
 
-    def stopService(self):
-        super().stopService()
-        if self._sampler is not None and self._sampler.running:
-            self._sampler.stop()
+class Stats(TimerService):
+    """Gathers figures from the daemon's stages; samples the encoder's
+    counters every C{sample_interval} seconds (for the rates)."""
+
+    name = "stats"
+
+    def __init__(self, reactor, config, source, encoder, fanout, stream, camera=None,
+                 pending=None, times=None, sample_interval=1.0):
+        """
+        @param reactor: the clock.
+        @param config: the L{pistreaming.options.Config} (size, rates set).
+        @param source: the frame source (its C{name}).
+        @param encoder: the L{pistreaming.encoder.Encoder}.
+        @param fanout: the L{pistreaming.fanout.Fanout} (viewers, bytes).
+        @param stream: the L{pistreaming.broadcast.StreamFactory} (viewers
+            turned away, C{--max-viewers}).
+        @param camera: the L{pistreaming.camera.service.CameraService}, or
+            None when ffmpeg reads the source itself.
+        @param pending: the L{pistreaming.admission.PendingConnections}
+            (connections refused), or None.
+        @param times: the L{PictureTimes} the encoder reports to; None: a
+            new one.
+        """
+        super().__init__(sample_interval, self._sample)
+        self.clock = reactor
+        self.reactor = reactor
+        self.config = config
+        self.source = source
+        self.encoder = encoder
+        self.fanout = fanout
+        self.stream = stream
+        self.camera = camera
+        self.pending = pending
+        self.times = times if times is not None else PictureTimes()
+        self.started_at = reactor.seconds()
+        self.bitrate = Rate(lambda: encoder.bytes_out * 8)
+        self.framerate = Rate(lambda: encoder.pictures_out)
+
+    def startService(self):
+        self.started_at = self.reactor.seconds()
+        super().startService()
 
     def _sample(self):
         now = self.reactor.seconds()
@@ -127,15 +152,14 @@ class Stats(service.Service):
         self.framerate.sample(now)
 
     def _camera(self):
-        d = self.daemon
-        camera = d.camera
+        camera, encoder = self.camera, self.encoder
         if camera is None:  # a device or a file, read by ffmpeg itself
             return {
-                "source": d.source.name,
-                "state": "ok" if d.encoder.process is not None else "unavailable",
-                "frames_captured": d.encoder.pictures_out,
+                "source": self.source.name,
+                "state": "ok" if encoder.process is not None else "unavailable",
+                "frames_captured": encoder.pictures_out,
                 "frames_dropped": 0,
-                "failures": d.encoder.restarts,
+                "failures": encoder.restarts,
             }
         return {
             "source": camera.source.name,
@@ -148,12 +172,11 @@ class Stats(service.Service):
     def gather(self, addresses=True):
         """The figures (see the module's docstring); with C{addresses}
         false, each viewer's address is "hidden"."""
-        d = self.daemon
         now = self.reactor.seconds()
-        config = d.config
-        camera, encoder, factory = d.camera, d.encoder, d.factory
+        config = self.config
+        camera, encoder, fanout, stream = self.camera, self.encoder, self.fanout, self.stream
         process = encoder.process
-        viewers = factory.describe()
+        viewers = fanout.describe()
         return {
             "uptime": round(now - self.started_at, 3),
             "stream": {
@@ -166,6 +189,8 @@ class Stats(service.Service):
             },
             "camera": self._camera(),
             "encoder": {
+                "state": encoder.state,
+                "why": encoder.why,
                 "pid": process.transport.pid if process is not None else None,
                 "restarts": encoder.restarts,
                 "frames_in": encoder.frames_in,
@@ -177,21 +202,24 @@ class Stats(service.Service):
             "frames_dropped_before_encoder": (camera.frames_dropped if camera else 0)
             + encoder.frames_dropped,
             "latency_ms": {
-                "camera_to_encoder": self.camera_to_encoder.summary(now, 1000),
-                "encoder": self.in_encoder.summary(now, 1000),
+                "camera_to_encoder": self.times.camera_to_encoder.summary(now, 1000),
+                "encoder": self.times.in_encoder.summary(now, 1000),
             },
             "broadcast": {
-                "bytes_in": factory.bytes_in,
-                "bytes_sent": factory.bytes_sent,
-                "bytes_discarded": factory.bytes_discarded,
-                "skips": factory.skips,
-                "turned_away": factory.turned_away,
-                "backlog_limit": factory.backlog_limit,
+                "bytes_in": fanout.bytes_in,
+                "bytes_sent": fanout.bytes_sent,
+                "bytes_discarded": fanout.bytes_discarded,
+                "skips": fanout.skips,
+                "turned_away": stream.turned_away,
+                "backlog_limit": fanout.backlog_limit,
+            },
+            "connections": {
+                "refused_pending": self.pending.refused if self.pending is not None else 0,
             },
             "viewers": {
-                "max": factory.max_viewers or None,
-                "count": len(factory.viewers),
-                "total": factory.viewers_total,
+                "max": stream.max_viewers or None,
+                "count": len(fanout.viewers),
+                "total": fanout.viewers_total,
                 "list": viewers if addresses else [
                     dict(viewer, address="hidden") for viewer in viewers],
             },

@@ -65,18 +65,18 @@ class Checks:
 ALICE = b"Basic " + base64.b64encode(b"alice:wonder land")
 
 
-def fake_daemon(reactor):
-    """Just what Stats.gather reads, with one viewer watching."""
-    factory = SimpleNamespace(
-        bytes_in=0, bytes_sent=0, bytes_discarded=0, skips=0, turned_away=0,
-        backlog_limit=1000, max_viewers=0, viewers={1: None}, viewers_total=1,
+def fake_stats(reactor):
+    """Stats over just what it reads, with one viewer watching."""
+    fanout = SimpleNamespace(
+        bytes_in=0, bytes_sent=0, bytes_discarded=0, skips=0,
+        backlog_limit=1000, viewers={1: None}, viewers_total=1,
         describe=lambda: [{"address": VIEWER, "connected_since": 1.0, "connected_for": 2.0,
                            "bytes_sent": 100, "backlog": 7, "stalled": False, "skips": 0}])
+    stream = SimpleNamespace(turned_away=0, max_viewers=0)
     encoder = SimpleNamespace(process=None, restarts=0, frames_in=0, frames_dropped=0,
-                              bytes_in=0, bytes_out=0, pictures_out=0)
-    return SimpleNamespace(config=Config(ffmpeg="/usr/bin/ffmpeg"), camera=None,
-                           source=SimpleNamespace(name="file"), encoder=encoder,
-                           factory=factory)
+                              bytes_in=0, bytes_out=0, pictures_out=0, state="ok", why=None)
+    return Stats(reactor, Config(ffmpeg="/usr/bin/ffmpeg"), SimpleNamespace(name="file"),
+                 encoder, fanout, stream)
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +92,7 @@ def make(hosts=HostPolicy(allowed=["camera.example"], hostname=HOSTNAME), passwo
     hashing = Hashing()
     reactor.getThreadPool = lambda: hashing
     reactor.callFromThread = lambda f, *args, **kwargs: f(*args, **kwargs)
-    stats = Stats(fake_daemon(reactor), reactor)
+    stats = fake_stats(reactor)
     authenticator = checks = None
     if password:
         authenticator = Authenticator(PasswordFile(password), reactor)

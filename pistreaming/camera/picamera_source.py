@@ -8,12 +8,9 @@ output's, come back to us from ``wait_recording``.
 
 import warnings
 
-from twisted.logger import Logger
-
 
 class PiCameraSource:
     name = "picamera"
-    log = Logger()
 
     #: How long one wait_recording call blocks; bounds how late a stop is seen.
     poll_interval = 0.1

@@ -14,8 +14,6 @@ cheap: 1280x720 at 30 fps takes a few percent of one core.
 
 import time
 
-from twisted.logger import Logger
-
 from pistreaming import stamp
 from pistreaming.frames import FrameGeometry
 
@@ -34,7 +32,6 @@ class TestPattern:
     """A moving test picture with a visible clock."""
 
     name = "test"
-    log = Logger()
     __test__ = False  # not a test case, whatever pytest thinks of the name
 
     def __init__(self, width, height, framerate, vflip=False, hflip=False,
