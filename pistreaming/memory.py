@@ -17,31 +17,32 @@ since, takes a millisecond or two, and frees what departed viewers left.
 
 import gc
 
-from twisted.application import service
-from twisted.internet import task
+from twisted.application.internet import TimerService
 
 
-class Collector(service.Service):
+class Collector(TimerService):
     """Freezes what the daemon is made of when it starts, then collects
     garbage every C{interval} seconds on C{reactor}'s clock."""
 
     name = "collector"
     interval = 30.0
 
-    def __init__(self, reactor, gc=gc):
-        self.reactor = reactor
+    def __init__(self, reactor, gc=gc, interval=None):
+        super().__init__(self.interval if interval is None else interval, self._tick)
+        self.clock = reactor
         self.gc = gc
-        self._loop = None
+        self._frozen = False
         self.passes = 0
         self.freed = 0
 
-    def startService(self):
-        super().startService()
-        self.gc.collect()
-        self.gc.freeze()
-        self._loop = task.LoopingCall(self.collect)
-        self._loop.clock = self.reactor
-        self._loop.start(self.interval, now=False)
+    def _tick(self):
+        # The timer's first call comes as the service starts: it freezes.
+        if not self._frozen:
+            self.gc.collect()
+            self.gc.freeze()
+            self._frozen = True
+        else:
+            self.collect()
 
     def collect(self):
         freed = self.gc.collect()
@@ -49,8 +50,8 @@ class Collector(service.Service):
         self.freed += freed
 
     def stopService(self):
-        super().stopService()
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        self._loop = None
-        self.gc.unfreeze()
+        stopped = super().stopService()
+        if self._frozen:
+            self.gc.unfreeze()
+            self._frozen = False
+        return stopped

@@ -15,8 +15,8 @@ through C{on_state}, so that viewers can be told.
 
 import threading
 
-from twisted.application import service
-from twisted.internet import defer, task
+from twisted.application.internet import TimerService
+from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -42,8 +42,9 @@ class _Run:
         self.given_up = False
 
 
-class CameraService(service.Service):
-    """Runs C{source.run} on a thread and hands frames to C{sink}."""
+class CameraService(TimerService):
+    """Runs C{source.run} on a thread and hands frames to C{sink}; checks
+    every C{watch_interval} seconds (its timer) whether the run stalled."""
 
     name = "camera"
     log = Logger()
@@ -54,14 +55,16 @@ class CameraService(service.Service):
     #: A run that delivers no frame for this long (seconds; at least 5 frame
     #: intervals) has stalled.
     stall_timeout = 4.0
-    watch_interval = 0.5
 
-    def __init__(self, source, frame_size, sink, reactor, on_state=None):
+    def __init__(self, source, frame_size, sink, reactor, on_state=None, watch_interval=0.5):
         """
         @param sink: called in the reactor thread with each frame and its
             capture time.
         @param on_state: called with (state, why) when the camera's state changes.
+        @param watch_interval: seconds between checks for a stalled run.
         """
+        super().__init__(watch_interval, self._check_stall)
+        self.clock = reactor
         self.source = source
         self.frame_size = frame_size
         self.sink = sink
@@ -76,11 +79,19 @@ class CameraService(service.Service):
         self._run = None
         self._running = None
         self._retry = None
-        self._watch = None
         self._retired_captured = 0
         self._retired_dropped = 0
         self._pool = None
         self._active = set()  # runs whose threads have not returned
+
+    @property
+    def watch_interval(self):
+        """Seconds between checks for a stalled run (the timer's step)."""
+        return self.step
+
+    @watch_interval.setter
+    def watch_interval(self, seconds):
+        self.step = seconds
 
     # figures
     @property
@@ -126,9 +137,6 @@ class CameraService(service.Service):
         self._pool.threadFactory = _daemon_thread
         self._pool.start()
         self.log.info("camera: {camera}", camera=self.source.describe())
-        self._watch = task.LoopingCall(self._check_stall)
-        self._watch.clock = self.reactor
-        self._watch.start(self.watch_interval, now=False)
         self._start_run()
 
     def _start_run(self):
@@ -193,9 +201,7 @@ class CameraService(service.Service):
         self._retry = self.reactor.callLater(delay, self._start_run)
 
     def stopService(self):
-        super().stopService()
-        if self._watch is not None and self._watch.running:
-            self._watch.stop()
+        super().stopService()  # the timer stops, and so does the service
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
