@@ -3,12 +3,11 @@
 Routes (anything else is 404; methods other than GET and HEAD are 405):
 
     /              the viewer page (no redirect: one round trip less)
-    /index.html    the same page, with the stream's path and size filled in
+    /index.html    the same page, with the stream's path and size filled in,
+                   and its own script (static/pistream.js), style
+                   (static/pistream.css) and colours (the options) inline
     /jsmpg.js      the JSMpeg player (from the npm registry, built in)
-    /pistream.js   the page's own script (the page carries it inline)
-    /pistream.css  the page's style (the page carries it inline)
     /stream        the WebSocket stream (same as the separate WebSocket port)
-    /theme.css     the page's colours, from the options (inline in the page too)
     /stats.json    the daemon's figures (pistreaming.stats), as JSON
     /metrics       the same figures in the Prometheus text format
 
@@ -456,18 +455,15 @@ def make_site(config, stream_factory, stats=None, player=None, authenticator=Non
     template = read_static("index.html").decode("utf-8")
     page_script, page_style, theme = (
         read_static("pistream.js"), read_static("pistream.css"), render_theme(config))
-    parts = {
-        "jsmpg_js": StaticBytes(player, b"text/javascript; charset=utf-8"),
-        "pistream_js": StaticBytes(page_script, b"text/javascript; charset=utf-8"),
-        "pistream_css": StaticBytes(page_style, b"text/css; charset=utf-8"),
-        "theme_css": StaticBytes(theme, b"text/css; charset=utf-8"),
-    }
-    pages = {name.replace("_", ".").encode(): part for name, part in parts.items()}
+    player_js = StaticBytes(player, b"text/javascript; charset=utf-8")
     script = inline(page_script.decode("utf-8"), "script")
     style = inline((page_style + theme).decode("utf-8"), "style")
-    pages[b"index.html"] = StaticBytes(
-        render_page(template, config, {"jsmpg_js": parts["jsmpg_js"]}, script, style),
-        b"text/html; charset=utf-8")
+    pages = {
+        b"jsmpg.js": player_js,
+        b"index.html": StaticBytes(
+            render_page(template, config, {"jsmpg_js": player_js}, script, style),
+            b"text/html; charset=utf-8"),
+    }
     if stats is not None:
         pages[b"stats.json"] = LiveDocument(
             stats_json(stats, protected=authenticator is not None), b"application/json")
