@@ -15,6 +15,7 @@ import pytest
 
 from pistreaming.camera import CameraUnavailable, choose_source
 from pistreaming.camera.filesource import FileError, FileSource, VideoInfo, probe_file
+from pistreaming.camera.picture import Picture
 from pistreaming.encoder import ffmpeg_command, output_args
 from pistreaming.frames import FrameGeometry
 from pistreaming.options import Config, find_ffmpeg
@@ -94,7 +95,7 @@ def test_choose_source_probes_the_file(tmp_path):
 
 def test_ffmpeg_plays_the_file_in_a_loop_fitted_to_the_size_and_rate():
     source = FileSource("/srv/demo.mp4", VideoInfo("h264", 1920, 1080, Fraction(30)),
-                        640, 480, 25, vflip=True)
+                        Picture(640, 480, 25, vflip=True))
     args, filters = source.ffmpeg_input()
     assert args == ["-re", "-stream_loop", "-1", "-i", "/srv/demo.mp4", "-map", "0:V:0"]
     assert filters == [

@@ -18,6 +18,7 @@ import websocket
 
 from pistreaming import stamp
 from pistreaming.camera.testpattern import TestPattern
+from pistreaming.camera.picture import Picture
 from pistreaming.encoder import ffmpeg_command
 from pistreaming.frames import FrameGeometry
 from pistreaming.mpegts import PACKET, video_pes_start
@@ -39,7 +40,7 @@ def decode_luma(ts_bytes, width, height):
     (640, 480, 800_000), (1280, 720, 800_000), (1296, 730, 2_000_000)])
 def test_the_stamp_round_trips_through_the_real_encoder(width, height, bitrate):
     rate = 30
-    pattern = TestPattern(width, height, rate)
+    pattern = TestPattern(Picture(width, height, rate))
     count = 45
     times = [T0 + i / rate + (i % 7) * 0.0013 for i in range(count)]
     raw = b"".join(pattern.render(i, times[i]) for i in range(count))

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from pistreaming.camera.testpattern import TestPattern
+from pistreaming.camera.picture import Picture
 from pistreaming.encoder import ffmpeg_command
 from pistreaming.frames import FrameGeometry
 from pistreaming.mpegts import PACKET, PictureSplitter, TSPacketizer, video_pes_start
@@ -19,7 +20,7 @@ RATE = 25
 def encoded():
     """2 s of the test pattern through the daemon's own ffmpeg command."""
     geometry = FrameGeometry(320, 240)
-    pattern = TestPattern(320, 240, RATE)
+    pattern = TestPattern(Picture(320, 240, RATE))
     raw = b"".join(pattern.render(i, time.time()) for i in range(FRAMES))
     result = subprocess.run(ffmpeg_command("ffmpeg", geometry, RATE, 400_000),
                             input=raw, capture_output=True, timeout=60, check=True)

@@ -14,6 +14,7 @@ from twisted.trial import unittest
 from pistreaming.camera import CameraUnavailable, choose_source
 from pistreaming.camera.picamera2_source import FrameLayout, Picamera2Source
 from pistreaming.camera.picamera_source import PiCameraSource
+from pistreaming.camera.picture import Picture
 from pistreaming.camera.service import CameraService
 from pistreaming.camera.testpattern import TestPattern
 from pistreaming.frames import FrameGeometry
@@ -120,7 +121,7 @@ def test_a_short_buffer_is_an_error_not_a_garbled_picture():
 # -- the source against the fake camera -----------------------------------------
 
 def run_source(rig, count, width=1296, height=730, framerate=30, **flips):
-    source = Picamera2Source(rig.picamera2, rig.libcamera, width, height, framerate, **flips)
+    source = Picamera2Source(rig.picamera2, rig.libcamera, Picture(width, height, framerate, **flips))
     stopping = threading.Event()
     out = Frames(stopping, count)
     source.run(out, stopping)
@@ -216,7 +217,7 @@ def test_capture_array_and_capture_request_give_the_same_frames_as_capture_buffe
 def test_stop_is_prompt_even_when_the_camera_stops_delivering():
     rig = Rig()
     rig.stall_after = 3
-    source = Picamera2Source(rig.picamera2, rig.libcamera, 320, 240, 30)
+    source = Picamera2Source(rig.picamera2, rig.libcamera, Picture(320, 240, 30))
     stopping = threading.Event()
     out = Frames(stopping, 1000)
     thread = threading.Thread(target=source.run, args=(out, stopping))
@@ -270,7 +271,7 @@ class ServiceTests(unittest.TestCase):
     def test_frames_reach_the_reactor_and_a_failure_is_retried(self):
         rig = Rig()
         rig.fail_after = 5
-        source = Picamera2Source(rig.picamera2, rig.libcamera, 320, 240, 30)
+        source = Picamera2Source(rig.picamera2, rig.libcamera, Picture(320, 240, 30))
         got = []
         service = CameraService(source, FrameGeometry(320, 240).frame_size,
                                 lambda frame, captured_at: got.append(frame), reactor)

@@ -14,6 +14,7 @@ from twisted.trial import unittest
 
 from pistreaming.camera import CameraUnavailable, choose_source
 from pistreaming.camera.picamera_source import PiCameraSource
+from pistreaming.camera.picture import Picture
 from pistreaming.camera.service import CameraService
 from pistreaming.camera.testpattern import TestPattern
 from pistreaming.frames import FrameGeometry
@@ -75,7 +76,7 @@ class CaptureTests(unittest.TestCase):
         self.frames = []
 
     def start(self, width=640, height=480, rate=30, vflip=False, hflip=False):
-        source = PiCameraSource(fake, width, height, rate, vflip=vflip, hflip=hflip)
+        source = PiCameraSource(fake, Picture(width, height, rate, vflip=vflip, hflip=hflip))
         geometry = FrameGeometry(width, height)
         service = CameraService(source, geometry.frame_size,
                                 lambda frame, captured_at: self.frames.append(frame), reactor)

@@ -5,6 +5,7 @@ import time
 
 from pistreaming import stamp
 from pistreaming.camera.testpattern import TestPattern
+from pistreaming.camera.picture import Picture
 from pistreaming.frames import FrameGeometry
 
 STAMP = time.mktime((2026, 11, 24, 12, 34, 56, 0, 0, -1)) + 0.5
@@ -19,7 +20,7 @@ def planes(frame, geometry):
 
 def test_frames_have_picameras_padded_layout():
     for size in [(640, 480), (800, 600), (1296, 730)]:
-        pattern = TestPattern(*size, 24)
+        pattern = TestPattern(Picture(*size, 24))
         g = FrameGeometry(*size)
         frame = pattern.render(0, STAMP)
         assert len(frame) == g.frame_size
@@ -31,7 +32,7 @@ def test_frames_have_picameras_padded_layout():
 
 
 def test_the_picture_moves():
-    pattern = TestPattern(320, 240, 24)
+    pattern = TestPattern(Picture(320, 240, 24))
     a = pattern.render(0, STAMP)
     b = pattern.render(5, STAMP)
     changed = sum(1 for x, y in zip(a, b) if x != y)
@@ -39,7 +40,7 @@ def test_the_picture_moves():
 
 
 def test_the_clock_shows_the_time():
-    pattern = TestPattern(320, 240, 24)
+    pattern = TestPattern(Picture(320, 240, 24))
     g = pattern.geometry
     a = pattern.render(0, STAMP)
     b = pattern.render(0, STAMP + 3600)  # an hour later: the hour digits change
@@ -52,8 +53,8 @@ def test_the_clock_shows_the_time():
 def test_flips_mirror_the_picture_inside_the_padding():
     size = (800, 600)  # padded to 800x608
     g = FrameGeometry(*size)
-    plain = TestPattern(*size, 24).render(3, STAMP)
-    both = TestPattern(*size, 24, vflip=True, hflip=True).render(3, STAMP)
+    plain = TestPattern(Picture(*size, 24)).render(3, STAMP)
+    both = TestPattern(Picture(*size, 24, vflip=True, hflip=True)).render(3, STAMP)
     w, pw = g.width, g.padded_width
     # (The stamp strip at the top, for machines, is never flipped.)
     for row in (100, 300, 499):
@@ -66,7 +67,7 @@ def test_flips_mirror_the_picture_inside_the_padding():
 
 def test_every_frame_carries_a_readable_stamp_of_its_capture():
     for size in [(640, 480), (1296, 730), (320, 240)]:
-        pattern = TestPattern(*size, 30)
+        pattern = TestPattern(Picture(*size, 30))
         g = pattern.geometry
         for number in (0, 1, 65_537):
             frame = pattern.render(number, STAMP + number / 30)
@@ -77,7 +78,7 @@ def test_every_frame_carries_a_readable_stamp_of_its_capture():
 
 
 def test_run_writes_frames_at_the_rate_until_stopped():
-    pattern = TestPattern(160, 120, 25)
+    pattern = TestPattern(Picture(160, 120, 25))
     written = []
     stopping = threading.Event()
 

@@ -24,6 +24,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pistreaming.camera import CameraUnavailable, choose_source, v4l2
+from pistreaming.camera.picture import Picture
 from pistreaming.encoder import Encoder, ffmpeg_command, output_args
 from pistreaming.frames import FrameGeometry
 from pistreaming.options import Config, find_ffmpeg
@@ -184,7 +185,7 @@ def test_the_daemon_refuses_a_bad_device_with_one_line(camera, message):
 
 def webcam_source(**flips):
     info = Kernel(WEBCAM).query("/dev/video2")
-    return v4l2.V4L2Source(info, "mjpeg", 1280, 720, 30, **flips)
+    return v4l2.V4L2Source(info, "mjpeg", Picture(1280, 720, 30, **flips))
 
 
 def test_ffmpeg_asks_the_device_for_the_size_and_rate_and_scales_to_be_sure():

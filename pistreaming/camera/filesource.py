@@ -15,7 +15,6 @@ import subprocess
 from dataclasses import dataclass
 from fractions import Fraction
 
-from pistreaming.frames import FrameGeometry
 
 
 class FileError(Exception):
@@ -91,27 +90,29 @@ class FileSource:
 
     name = "file"
 
-    def __init__(self, path, info, width, height, framerate, vflip=False, hflip=False):
+    def __init__(self, path, info, picture):
+        """
+        @param info: the file's L{VideoInfo}.
+        @param picture: the L{pistreaming.camera.picture.Picture} to stream.
+        """
         self.path = path
         self.info = info
-        self.geometry = FrameGeometry(width, height)
-        self.framerate = Fraction(framerate)
-        self.vflip = vflip
-        self.hflip = hflip
+        self.picture = picture
+        self.geometry = picture.geometry
 
     def describe(self):
-        i, g = self.info, self.geometry
+        i, p = self.info, self.picture
         own = f" at {float(i.rate):g} fps" if i.rate else ""
         text = (f"video file {self.path} ({i.codec} {i.width}x{i.height}{own}), looped, "
-                f"streamed as {g.width}x{g.height} at {float(self.framerate):g} fps")
-        if i.rate and i.rate != self.framerate:
+                f"streamed as {p.size} at {float(p.framerate):g} fps")
+        if i.rate and i.rate != p.framerate:
             text += " (frames repeated or dropped to fit; --framerate sets the rate)"
         return text
 
     def ffmpeg_input(self):
         """(ffmpeg input arguments, filters) that play the file in a loop."""
-        w, h = self.geometry.width, self.geometry.height
-        rate = f"{self.framerate.numerator}/{self.framerate.denominator}"
+        p = self.picture
+        w, h = p.width, p.height
         args = ["-re", "-stream_loop", "-1", "-i", self.path, "-map", "0:V:0"]
         # Fit inside WxH with the aspect kept (even sides, for YUV 4:2:0),
         # then centre on black.
@@ -120,16 +121,14 @@ class FileSource:
             f"scale=w={scale[0]}:h={scale[1]}",
             "setsar=1",
             f"pad={w}:{h}:(ow-iw)/2:(oh-ih)/2",
+            *p.flip_filters,
+            f"fps={p.rate_text}",
         ]
-        if self.hflip:
-            filters.append("hflip")
-        if self.vflip:
-            filters.append("vflip")
-        filters.append(f"fps={rate}")
         return args, filters
 
 
-def open_source(path, ffmpeg, width, height, framerate, vflip=False, hflip=False):
-    """A L{FileSource} for C{path}, or L{FileError}."""
+def open_source(path, ffmpeg, picture):
+    """A L{FileSource} for C{path} giving C{picture} (a
+    L{pistreaming.camera.picture.Picture}), or L{FileError}."""
     info = probe_file(find_ffprobe(ffmpeg), path)
-    return FileSource(path, info, width, height, framerate, vflip, hflip)
+    return FileSource(path, info, picture)

@@ -20,7 +20,6 @@ import threading
 
 from twisted.logger import Logger
 
-from pistreaming.frames import FrameGeometry
 
 #: What padding bytes hold: black, in video range.
 _Y_PAD, _UV_PAD = 16, 128
@@ -110,20 +109,19 @@ class Picamera2Source:
     #: How long one wait for a frame lasts; bounds how late a stop is seen.
     poll_interval = 0.1
 
-    def __init__(self, picamera2, libcamera, width, height, framerate,
-                 vflip=False, hflip=False, camera_num=0, model=None):
+    def __init__(self, picamera2, libcamera, picture, camera_num=0, model=None):
         """
         @param picamera2: the imported C{picamera2} module, and
         @param libcamera: the imported C{libcamera} module (passed in so that
             tests can hand over fakes with the same API).
+        @param picture: the L{pistreaming.camera.picture.Picture} to capture.
         @param model: the sensor's name, for the log.
         """
         self._picamera2 = picamera2
         self._libcamera = libcamera
-        self.geometry = FrameGeometry(width, height)
-        self.framerate = framerate
-        self.vflip = vflip
-        self.hflip = hflip
+        self.picture = picture
+        self.geometry = picture.geometry
+        self.framerate = picture.framerate
         self.camera_num = camera_num
         self.model = model
 
@@ -139,7 +137,8 @@ class Picamera2Source:
         return camera.create_video_configuration(
             main={"size": (g.width, g.height), "format": "YUV420"},
             controls={"FrameDurationLimits": (frame_us, frame_us)},
-            transform=self._libcamera.Transform(hflip=int(self.hflip), vflip=int(self.vflip)),
+            transform=self._libcamera.Transform(hflip=int(self.picture.hflip),
+                                                vflip=int(self.picture.vflip)),
         )
 
     def run(self, output, stopping):

@@ -15,20 +15,18 @@ class PiCameraSource:
     #: How long one wait_recording call blocks; bounds how late a stop is seen.
     poll_interval = 0.1
 
-    def __init__(self, picamera, width, height, framerate, vflip=False, hflip=False):
+    def __init__(self, picamera, picture):
         """
         @param picamera: the imported C{picamera} module (passed in so that
             tests can hand over a fake with the same API).
+        @param picture: the L{pistreaming.camera.picture.Picture} to record.
         """
         self._picamera = picamera
-        self.width = width
-        self.height = height
-        self.framerate = framerate
-        self.vflip = vflip
-        self.hflip = hflip
+        self.picture = picture
+        self.framerate = picture.framerate
 
     def describe(self):
-        return f"picamera {self.width}x{self.height}"
+        return f"picamera {self.picture.size}"
 
     def run(self, output, stopping):
         """Record into C{output} until C{stopping} is set; the camera is always closed."""
@@ -37,12 +35,13 @@ class PiCameraSource:
         rounded = getattr(self._picamera, "PiCameraResolutionRounded", None)
         if rounded is not None:
             warnings.filterwarnings("ignore", category=rounded)
+        picture = self.picture
         camera = self._picamera.PiCamera(
-            resolution=(self.width, self.height), framerate=self.framerate
+            resolution=(picture.width, picture.height), framerate=picture.framerate
         )
         try:
-            camera.vflip = self.vflip
-            camera.hflip = self.hflip
+            camera.vflip = picture.vflip
+            camera.hflip = picture.hflip
             camera.start_recording(output, format="yuv")
             try:
                 while not stopping.is_set():

@@ -15,7 +15,6 @@ cheap: 1280x720 at 30 fps takes a few percent of one core.
 import time
 
 from pistreaming import stamp
-from pistreaming.frames import FrameGeometry
 
 BLACK, WHITE = 16, 235  # video-range luma
 
@@ -34,12 +33,13 @@ class TestPattern:
     name = "test"
     __test__ = False  # not a test case, whatever pytest thinks of the name
 
-    def __init__(self, width, height, framerate, vflip=False, hflip=False,
-                 now=time.time, monotonic=time.monotonic):
-        self.geometry = FrameGeometry(width, height)
-        self.framerate = float(framerate)
-        self.vflip = vflip
-        self.hflip = hflip
+    def __init__(self, picture, now=time.time, monotonic=time.monotonic):
+        """
+        @param picture: the L{pistreaming.camera.picture.Picture} to draw.
+        """
+        self.picture = picture
+        self.geometry = picture.geometry
+        self.framerate = picture.framerate
         self._now = now
         self._monotonic = monotonic
         self._prepare()
@@ -90,9 +90,9 @@ class TestPattern:
         self._box_row = bytes([WHITE]) * self._box
 
     def _flip_rows(self, rows):
-        if self.hflip:
+        if self.picture.hflip:
             rows = [r[::-1] for r in rows]
-        if self.vflip:
+        if self.picture.vflip:
             rows = rows[::-1]
         return rows
 
@@ -161,7 +161,7 @@ class TestPattern:
         step = self._digit_w + self._thick * 2
         self._draw_text(luma, counter, w - step * len(counter) - self._thick,
                         self._counter_top)
-        if self.vflip or self.hflip:
+        if self.picture.vflip or self.picture.hflip:
             rows = self._flip_rows([luma[y * w:(y + 1) * w] for y in range(h)])
             luma = bytearray(b"".join(rows))
         # The stamp goes on last, unflipped: it is for machines, not the scene.
@@ -193,7 +193,7 @@ class TestPattern:
         Runs on a thread of its own.  If drawing falls behind, the schedule
         resets instead of bursting to catch up.
         """
-        interval = 1.0 / self.framerate
+        interval = 1.0 / float(self.framerate)
         number = 0
         due = self._monotonic()
         while not stopping.is_set():

@@ -17,7 +17,6 @@ import struct
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from pistreaming.frames import FrameGeometry
 
 
 # -- the kernel's interface (linux/videodev2.h) ------------------------------
@@ -115,10 +114,10 @@ class FrameSize:
         else:
             size = f"{self.min_width}x{self.min_height}..{self.max_width}x{self.max_height}"
         if self.rates:
-            return size + "@" + "/".join(_rate_text(r) for r in sorted(self.rates, reverse=True))
+            return size + "@" + "/".join(_rate_shown(r) for r in sorted(self.rates, reverse=True))
         if self.rate_range:
             low, high = self.rate_range
-            return f"{size}@{_rate_text(low)}..{_rate_text(high)}"
+            return f"{size}@{_rate_shown(low)}..{_rate_shown(high)}"
         return size
 
 
@@ -150,7 +149,8 @@ class DeviceInfo:
         return "; ".join(parts) or "no formats"
 
 
-def _rate_text(rate):
+def _rate_shown(rate):
+    """A frame rate as people read it: "30", "29.97"."""
     rate = Fraction(rate)
     if rate.denominator == 1:
         return str(rate.numerator)
@@ -301,7 +301,7 @@ def choose_format(info, width, height, rate):
             return fmt.ffmpeg_name
     raise DeviceError(
         f"{info.card or 'the device'} cannot give {width}x{height} at "
-        f"{_rate_text(rate)} fps; it offers: {info.offers()}"
+        f"{_rate_shown(rate)} fps; it offers: {info.offers()}"
     )
 
 
@@ -310,13 +310,14 @@ class V4L2Source:
 
     name = "v4l2"
 
-    def __init__(self, info, input_format, width, height, framerate, vflip=False, hflip=False):
+    def __init__(self, info, input_format, picture):
+        """
+        @param picture: the L{pistreaming.camera.picture.Picture} to read.
+        """
         self.info = info
         self.input_format = input_format
-        self.geometry = FrameGeometry(width, height)
-        self.framerate = Fraction(framerate)
-        self.vflip = vflip
-        self.hflip = hflip
+        self.picture = picture
+        self.geometry = picture.geometry
 
     @property
     def device(self):
@@ -325,28 +326,24 @@ class V4L2Source:
     def describe(self):
         g = self.geometry
         return (f"V4L2 device {self.device} ({self.info.card}), {self.input_format} "
-                f"{g.width}x{g.height} at {_rate_text(self.framerate)} fps")
+                f"{g.width}x{g.height} at {_rate_shown(self.picture.framerate)} fps")
 
     def ffmpeg_input(self):
         """(ffmpeg input arguments, filters) that read the device."""
-        g = self.geometry
-        rate = f"{self.framerate.numerator}/{self.framerate.denominator}"
+        p = self.picture
         args = [
             "-f", "v4l2", "-input_format", self.input_format,
-            "-video_size", f"{g.width}x{g.height}", "-framerate", rate,
+            "-video_size", p.size, "-framerate", p.rate_text,
             "-i", self.device,
             "-map", "0:v:0",
         ]
-        filters = [f"scale={g.width}:{g.height}"]
-        if self.hflip:
-            filters.append("hflip")
-        if self.vflip:
-            filters.append("vflip")
+        filters = [f"scale={p.width}:{p.height}", *p.flip_filters]
         return args, filters
 
 
-def open_source(path, width, height, framerate, vflip=False, hflip=False, ioctl=fcntl.ioctl):
-    """A L{V4L2Source} for the device at C{path}, or L{DeviceError}."""
+def open_source(path, picture, ioctl=fcntl.ioctl):
+    """A L{V4L2Source} for the device at C{path} giving C{picture} (a
+    L{pistreaming.camera.picture.Picture}), or L{DeviceError}."""
     info = query_device(path, ioctl=ioctl)
-    input_format = choose_format(info, width, height, framerate)
-    return V4L2Source(info, input_format, width, height, framerate, vflip, hflip)
+    input_format = choose_format(info, picture.width, picture.height, picture.framerate)
+    return V4L2Source(info, input_format, picture)
