@@ -1,20 +1,27 @@
-"""The encoder: real ffmpeg under a ProcessProtocol."""
+"""The encoder: its restarts and stops on a Clock with a recording
+spawnProcess, and real ffmpeg under its ProcessProtocol for what only ffmpeg
+can show (packet cutting, each picture out at once, dropping while it is
+stuck, stops that reap it)."""
 
 import fcntl
 import os
 import random
 import signal
-import time
 
+import pytest
 from twisted.internet import defer, reactor
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from pistreaming import encoder
-from pistreaming.camera.testpattern import TestPattern
 from pistreaming.encoder import Encoder, ffmpeg_command
 from pistreaming.mpegts import TSPacketizer
 from pistreaming.frames import FrameGeometry
 from pistreaming.options import find_ffmpeg
+from pistreaming.mpegts import Chunk
+from tests.fakes.inmemory import SpawningReactor
 from tests.helpers import wait_until, with_timeout
 
 FFMPEG = find_ffmpeg("ffmpeg")
@@ -71,9 +78,18 @@ class PacketizerTests(unittest.TestCase):
         assert b"".join(out) == stream[:188 * 50]
 
 
-def frames(geometry, count, start=0):
-    pattern = TestPattern(geometry.width, geometry.height, 24)
-    return [pattern.render(start + i, time.time()) for i in range(count)]
+def frames(geometry, count):
+    """C{count} raw YUV420 frames of C{geometry}: diagonal stripes that move
+    from frame to frame (any picture does for the encoder)."""
+    width, height = geometry.padded_width, geometry.padded_height
+    chroma = bytes([128]) * (geometry.frame_size - width * height)
+    pictures = []
+    for i in range(count):
+        rows = b"".join(bytes((x + y + 8 * i) & 0xFF for x in range(width))
+                        for y in range(0, 256))
+        luma = (rows * (height // 256 + 1))[:width * height]
+        pictures.append(luma + chroma)
+    return pictures
 
 
 def stopped(pid):
@@ -95,6 +111,9 @@ def process_exists(pid):
 
 
 class EncoderTests(unittest.TestCase):
+    """Real ffmpeg.  Waits are conditions with bounds, checked every few
+    milliseconds; the stop schedule itself is tested on a Clock below."""
+
     timeout = 60
 
     def setUp(self):
@@ -104,26 +123,30 @@ class EncoderTests(unittest.TestCase):
             ffmpeg_command(FFMPEG, self.geometry, 24, 400_000),
             lambda chunk: self.chunks.append(chunk.data), reactor, framerate=24,
             frame_size=self.geometry.frame_size)
-        self.encoder.first_restart_delay = 0.1
+        # The stop's schedule is tested on a Clock (StopScheduleTests); these
+        # tests do not wait the daemon's delays.
+        self.encoder.term_after, self.encoder.kill_after = 0.01, 0.05
         self.encoder.startService()
         self.addCleanup(self.stop_encoder)
         self.frames = frames(self.geometry, 24)
-        return wait_until(lambda: self.encoder.process is not None, 10, what="ffmpeg start")
+        # spawnProcess starts the child before it returns
+        assert self.encoder.process is not None
 
     def stop_encoder(self):
         if self.encoder.running:
             return with_timeout(self.encoder.stopService(), 5, "encoder stop")
 
     def feed_until_output(self, timeout=10):
-        """Feed a frame every 1/24 s until ffmpeg has produced some output."""
+        """Offer a frame every 5 ms (ffmpeg takes one when it has read the
+        last) until ffmpeg has produced some output."""
         before = len(self.chunks)
-        frames = iter(self.frames * 100)
+        frames = iter(self.frames * 1000)
 
         def more():
             self.encoder.feed(next(frames))
             return len(self.chunks) > before
 
-        return wait_until(more, timeout, interval=1 / 24, what="encoded output")
+        return wait_until(more, timeout, interval=0.005, what="encoded output")
 
     @defer.inlineCallbacks
     def test_frames_come_out_as_mpeg_ts(self):
@@ -140,28 +163,18 @@ class EncoderTests(unittest.TestCase):
     def test_each_picture_comes_out_without_waiting_for_the_next_frame(self):
         yield self.feed_until_output()
         yield wait_until(lambda: self.encoder.pictures_out == self.encoder.frames_in, 5,
-                         what="every frame fed so far to come out")
+                         interval=0.005, what="every frame fed so far to come out")
         for number in range(5):
             before = self.encoder.pictures_out
+            yield wait_until(lambda: not self.encoder.process.paused, 5, interval=0.005,
+                             what="ffmpeg ready for a frame")
+            taken = self.encoder.frames_in
             self.encoder.feed(self.frames[number])
+            assert self.encoder.frames_in == taken + 1
             # Nothing else is fed: ffmpeg must not hold the picture back
             # until the next frame arrives (MPEG-1's low_delay).
             yield wait_until(lambda: self.encoder.pictures_out == before + 1, 5,
-                             what=f"picture {number} out on its own")
-
-    @defer.inlineCallbacks
-    def test_killed_ffmpeg_is_restarted_and_output_resumes(self):
-        yield self.feed_until_output()
-        first = self.encoder.process.transport.pid
-        os.kill(first, signal.SIGKILL)
-        yield wait_until(lambda: self.encoder.process is not None
-                         and self.encoder.process.transport.pid != first,
-                         5, what="a new ffmpeg")
-        assert self.encoder.restarts == 1
-        assert not process_exists(first)
-        del self.chunks[:]
-        yield self.feed_until_output()
-        assert b"\x00\x00\x01\xb3" in b"".join(self.chunks)
+                             interval=0.005, what=f"picture {number} out on its own")
 
     @defer.inlineCallbacks
     def test_frames_are_dropped_not_queued_while_ffmpeg_is_stuck(self):
@@ -194,15 +207,15 @@ class EncoderTests(unittest.TestCase):
         process = self.encoder.process
         pipe = process.transport.pipes[0].fileno()
         yield wait_until(lambda: not process.paused and encoder.unread(pipe) == 0, 5,
-                         what="ffmpeg to have read every frame")
+                         interval=0.005, what="ffmpeg to have read every frame")
         pid = process.transport.pid
         os.kill(pid, signal.SIGSTOP)
-        yield wait_until(lambda: stopped(pid), 5, what="ffmpeg to stop")
+        yield wait_until(lambda: stopped(pid), 5, interval=0.005, what="ffmpeg to stop")
         try:
             taken = self.encoder.frames_in
             self.encoder.feed(self.frames[0])
             assert self.encoder.frames_in - taken == 1
-            yield wait_until(lambda: not self.encoder.process.paused, 5,
+            yield wait_until(lambda: not self.encoder.process.paused, 5, interval=0.005,
                              what="the frame in the pipe")
             for frame in self.frames:
                 self.encoder.feed(frame)
@@ -212,23 +225,47 @@ class EncoderTests(unittest.TestCase):
         yield self.feed_until_output()
 
     @defer.inlineCallbacks
-    def test_stop_reaps_ffmpeg_quickly(self):
+    def test_stop_reaps_ffmpeg(self):
         yield self.feed_until_output()
         pid = self.encoder.process.transport.pid
-        started = reactor.seconds()
-        yield with_timeout(self.encoder.stopService(), 3, "encoder stop")
-        assert reactor.seconds() - started < 2
+        yield with_timeout(self.encoder.stopService(), 5, "encoder stop")
         assert not process_exists(pid)
         assert self.encoder.restarts == 0
+
+    @pytest.mark.xfail(strict=True, reason=(
+        "Encoder.stopService closes ffmpeg's stdin with its paused producer still "
+        "registered: Twisted's FileDescriptor then resumes the producer instead of "
+        "closing, ffmpeg never sees the end of its input, and the stop waits for SIGKILL"))
+    @defer.inlineCallbacks
+    def test_closing_its_input_ends_ffmpeg_without_a_signal(self):
+        yield self.feed_until_output()
+        pid = self.encoder.process.transport.pid
+        signals = []
+        self.patch(self.encoder, "_signal", lambda proto, signum: signals.append(signum))
+        self.encoder.term_after, self.encoder.kill_after = 0.3, 0.4
+        # a frame on its way to ffmpeg when the daemon stops, as is usual
+        yield wait_until(lambda: not self.encoder.process.paused, 5, interval=0.005,
+                         what="ffmpeg ready for a frame")
+        taken = self.encoder.frames_in
+        self.encoder.feed(self.frames[0])
+        assert self.encoder.frames_in == taken + 1
+        done = self.encoder.stopService()
+        try:
+            yield with_timeout(done, 0.2, "ffmpeg to end at the end of its input")
+        finally:
+            if pid is not None and process_exists(pid):
+                os.kill(pid, signal.SIGKILL)
+                yield with_timeout(done, 5, "encoder stop")
+        assert signals == []
+        assert not process_exists(pid)
+
 
     @defer.inlineCallbacks
     def test_stop_of_a_stuck_ffmpeg_ends_in_sigkill(self):
         yield self.feed_until_output()
         pid = self.encoder.process.transport.pid
         os.kill(pid, signal.SIGSTOP)  # ignores stdin EOF and SIGTERM until killed
-        started = reactor.seconds()
-        yield with_timeout(self.encoder.stopService(), 4, "encoder stop")
-        assert reactor.seconds() - started < 2
+        yield with_timeout(self.encoder.stopService(), 5, "encoder stop")
         assert not process_exists(pid)
 
 
@@ -249,41 +286,192 @@ class SelfReadingEncoderTests(unittest.TestCase):
         encoder.startService()
         self.addCleanup(lambda: encoder.running and encoder.stopService())
         yield wait_until(lambda: b"\x00\x00\x01\xb3" in b"".join(chunks), 10,
-                         what="encoded output")
+                         interval=0.005, what="encoded output")
         pid = encoder.process.transport.pid
-        started = reactor.seconds()
-        yield with_timeout(encoder.stopService(), 3, "encoder stop")
-        assert reactor.seconds() - started < encoder.term_after
+        # SIGKILL would come only after kill_after: SIGTERM (sent at once)
+        # must be what ends it.
+        signals = []
+        real = encoder._signal
+        self.patch(encoder, "_signal", lambda proto, signum: (signals.append(signum),
+                                                              real(proto, signum)))
+        yield with_timeout(encoder.stopService(), 5, "encoder stop")
+        assert signals == [signal.SIGTERM]
         assert not process_exists(pid)
         assert encoder.frames_in == 0 and encoder.restarts == 0
 
 
-class FailingEncoderTests(unittest.TestCase):
-    """An ffmpeg that fails at once: its error output is logged, and restarts back off."""
+#: A moment, exact in binary (so that times add up to the delays exactly).
+TICK = 1 / 1024
 
-    timeout = 30
 
-    @defer.inlineCallbacks
+def picture_packet(keyframe=True):
+    """One TS packet holding a whole (tiny) picture's PES packet, as ffmpeg
+    writes them (with its length), so that it comes out as a chunk at once."""
+    es = (b"\x00\x00\x01\xb3" if keyframe else b"\x00\x00\x01\x00").ljust(184 - 14, b"\xff")
+    pes = b"\x00\x00\x01\xe0" + (184 - 6).to_bytes(2, "big") + b"\x80\x80\x05" \
+        + b"\x21\x00\x01\x00\x01" + es
+    return b"\x47\x41\x00\x10" + pes
+
+
+def logged(events):
+    def observer(event):
+        if event.get("log_namespace", "").startswith("pistreaming"):
+            events.append(event)
+    return observer
+
+
+class ClockCase(unittest.TestCase):
+    """An Encoder on a MemoryReactorClock whose spawnProcess only records."""
+
+    def setUp(self):
+        self.reactor = SpawningReactor()
+        self.chunks = []
+        self.states = []
+        self.events = []
+        observer = logged(self.events)
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def make(self, command=("/usr/bin/ffmpeg", "-i", "-"), **kwargs):
+        self.encoder = Encoder(list(command), self.chunks.append, self.reactor,
+                               on_state=lambda state, why: self.states.append((state, why)),
+                               **kwargs)
+        return self.encoder
+
+    def process(self, n=-1):
+        proto, _, _, transport = self.reactor.spawned[n]
+        return proto, transport
+
+    def crash(self, stderr=b"", **how):
+        proto, transport = self.process()
+        proto.errReceived(stderr)
+        transport.end(Failure(ProcessTerminated(**how)))
+
+    def failures(self):
+        return [e for e in self.events if "how" in e]
+
+    def next_restart(self):
+        """Seconds until the pending restart."""
+        (call,) = self.reactor.getDelayedCalls()
+        return call.getTime() - self.reactor.seconds()
+
+
+class RestartTests(ClockCase):
     def test_error_output_is_logged_and_restarts_back_off(self):
-        from twisted.logger import globalLogPublisher
-        events = []
-        globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        encoder = Encoder(
-            ["/bin/sh", "-c", "echo 'Unknown encoder mpeg1video_x' >&2; exit 3"],
-            lambda chunk: None, reactor)
-        encoder.first_restart_delay = 0.05
+        encoder = self.make(["/bin/sh", "-c", "exit 3"])
         encoder.startService()
-        self.addCleanup(lambda: encoder.running and encoder.stopService())
-        yield wait_until(lambda: encoder.restarts >= 4, 10, what="four restarts")
-        yield with_timeout(encoder.stopService(), 3, "encoder stop")
-        failures = [e for e in events if e.get("log_namespace", "").endswith("Encoder")
-                    and "how" in e]
-        assert len(failures) >= 4
-        assert failures[0]["how"] == "exited with code 3"
-        assert failures[0]["stderr"] == ": Unknown encoder mpeg1video_x"
-        delays = [e["delay"] for e in failures[:4]]
-        assert delays == [0.05, 0.1, 0.2, 0.4]
+        delays = []
+        for attempt in range(8):
+            self.crash(b"[mpeg1video @ 0x1] bad things\nUnknown encoder mpeg1video_x\n",
+                       exitCode=3)
+            delays.append(self.next_restart())
+            self.reactor.advance(delays[-1] - TICK)
+            assert len(self.reactor.spawned) == attempt + 1
+            self.reactor.advance(TICK)
+            assert len(self.reactor.spawned) == attempt + 2
+        assert delays == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+        assert encoder.restarts == 8
+        first = self.failures()[0]
+        assert first["how"] == "exited with code 3"
+        assert first["stderr"] == ": [mpeg1video @ 0x1] bad things\nUnknown encoder mpeg1video_x"
+        assert first["delay"] == 0.25
+        # viewers are told the last line
+        assert self.states[0] == ("unavailable",
+                                  "ffmpeg exited with code 3: Unknown encoder mpeg1video_x")
+
+    def test_a_killed_ffmpeg_is_restarted_and_output_resumes(self):
+        encoder = self.make()
+        encoder.startService()
+        first, _ = self.process()
+        assert encoder.process is first
+        first.outReceived(picture_packet())
+        assert len(self.chunks) == 1 and self.states == [("ok", None)]
+        self.reactor.advance(3.0)
+        self.crash(signal=signal.SIGKILL)
+        assert encoder.process is None
+        assert self.failures()[-1]["how"] == f"was killed by signal {int(signal.SIGKILL)}"
+        assert self.states[1:] == [
+            ("unavailable", f"ffmpeg was killed by signal {int(signal.SIGKILL)}")]
+        # frames offered meanwhile are dropped
+        encoder.feed(b"frame")
+        assert (encoder.frames_in, encoder.frames_dropped) == (0, 1)
+        self.reactor.advance(0.25)
+        second, transport = self.process()
+        assert second is not first and encoder.process is second
+        assert encoder.restarts == 1
+        encoder.feed(b"frame")
+        assert transport.written == [b"frame"] and encoder.frames_in == 1
+        # what the new ffmpeg writes reaches the sink
+        second.outReceived(picture_packet())
+        assert len(self.chunks) == 2 and self.states[-1] == ("ok", None)
+
+    def test_a_run_that_lasted_starts_the_back_off_over(self):
+        encoder = self.make()
+        encoder.startService()
+        for _ in range(4):
+            self.crash(exitCode=1)
+            self.reactor.advance(self.next_restart())
+        assert encoder.restarts == 4
+        self.crash(exitCode=1)
+        assert self.next_restart() == 4.0
+        self.reactor.advance(4.0)
+        self.reactor.advance(10.0 - TICK)  # not quite a healthy run (healthy_run)
+        self.crash(exitCode=1)
+        assert self.next_restart() == 8.0
+        self.reactor.advance(8.0)
+        self.reactor.advance(10.0)
+        self.crash(exitCode=1)
+        assert self.next_restart() == 0.25
+
+
+class StopScheduleTests(ClockCase):
+    def test_stdin_is_closed_at_once_then_sigterm_then_sigkill(self):
+        encoder = self.make()
+        encoder.startService()
+        proto, transport = self.process()
+        stopped = []
+        encoder.stopService().addCallback(stopped.append)
+        assert transport.stdin_closed and transport.signals == []
+        assert not proto.writable  # no frame goes to a stopping ffmpeg
+        # SIGTERM after 0.8 s (term_after), SIGKILL after 1.4 s (kill_after)
+        self.reactor.advance(0.8 - TICK)
+        assert transport.signals == []
+        self.reactor.advance(TICK)
+        assert transport.signals == [signal.SIGTERM]
+        self.reactor.advance(0.6 - TICK)
+        assert transport.signals == [signal.SIGTERM]
+        self.reactor.advance(TICK)
+        assert transport.signals == [signal.SIGTERM, signal.SIGKILL]
+        assert stopped == []  # until it has ended
+        transport.end(Failure(ProcessTerminated(signal=signal.SIGKILL)))
+        assert stopped == [None]
+        assert encoder.restarts == 0 and len(self.reactor.spawned) == 1
+        assert not self.reactor.getDelayedCalls()
+
+    def test_an_ffmpeg_that_ends_at_the_end_of_its_input_gets_no_signal(self):
+        encoder = self.make()
+        encoder.startService()
+        _, transport = self.process()
+        stopped = []
+        encoder.stopService().addCallback(stopped.append)
+        self.reactor.advance(0.1)
+        transport.end(Failure(ProcessDone(0)))
+        assert stopped == [None]
+        self.reactor.advance(10)
+        assert transport.signals == [] and len(self.reactor.spawned) == 1
+        assert not self.reactor.getDelayedCalls()
+
+    def test_an_ffmpeg_reading_its_own_input_gets_sigterm_at_once(self):
+        encoder = self.make(reads_stdin=False)
+        encoder.startService()
+        _, transport = self.process()
+        stopped = []
+        encoder.stopService().addCallback(stopped.append)
+        self.reactor.advance(0)
+        assert transport.signals == [signal.SIGTERM]
+        transport.end(Failure(ProcessTerminated(signal=signal.SIGTERM)))
+        assert stopped == [None]
+        assert not self.reactor.getDelayedCalls()
 
 
 F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
