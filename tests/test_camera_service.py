@@ -10,11 +10,11 @@ the daemon, until the test lets the reactor take them.
 
 from twisted.internet import task
 from twisted.logger import globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from pistreaming.camera import service as camera_service
 from pistreaming.camera.service import CameraService
+from tests.fakes.inmemory import RecordingPool, Source
 
 FRAME = 64
 #: A moment, exact in binary (so that times add up to the delays exactly).
@@ -36,62 +36,6 @@ class ThreadReactor(task.Clock):
         while self.from_threads:
             f, args, kwargs = self.from_threads.pop(0)
             f(*args, **kwargs)
-
-
-class Thread:
-    """One call the pool was asked to run: the capture loop of one run."""
-
-    def __init__(self, on_result, function, args, kwargs):
-        self.on_result = on_result
-        self.function = function
-        self.output, self.stop = args
-        self.returned = False
-
-    def frames(self, count, number):
-        """The camera delivers C{count} frames (filled with C{number})."""
-        for _ in range(count):
-            self.output.write(bytes([number]) * FRAME)
-
-    def returns(self):
-        self.returned = True
-        self.on_result(True, None)
-
-    def fails(self, error):
-        self.returned = True
-        self.on_result(False, Failure(error))
-
-
-class RecordingPool:
-    """Stands in for the service's ThreadPool: nothing runs by itself."""
-
-    pools = []
-
-    def __init__(self, minthreads=0, maxthreads=0, name=None):
-        self.threadFactory = None
-        self.started = False
-        self.stopped = False
-        self.threads = []
-        RecordingPool.pools.append(self)
-
-    def start(self):
-        self.started = True
-
-    def stop(self):
-        self.stopped = True
-
-    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
-        self.threads.append(Thread(on_result, function, args, kwargs))
-
-
-class Source:
-    name = "scripted"
-    framerate = 50
-
-    def describe(self):
-        return "a scripted source"
-
-    def run(self, output, stopping):
-        raise AssertionError("runs on the test's say-so only")
 
 
 class CameraServiceTests(unittest.TestCase):

@@ -8,7 +8,10 @@ drive the daemon's parts on a Clock, without sockets, threads or waiting.
 - L{SendBuffer}: the server's side of one such connection, with a send
   buffer that pauses its producer when full, as Twisted's TCP transport does.
 - L{ClockTimers}: Autobahn's protocol timers on a Clock.
-- L{SpawningReactor}: a MemoryReactorClock that records spawnProcess.
+- L{SpawningReactor}: a MemoryReactorClock that records spawnProcess, whose
+  callFromThread calls at once and whose thread pool runs calls at once.
+- L{RecordingPool}: a thread pool that runs nothing by itself: the test
+  plays each thread (L{Thread}), e.g. a camera's capture loop.
 
 (Not named like a library: daemons started with this folder on PYTHONPATH
 import camera stand-ins from it.)
@@ -18,7 +21,9 @@ import itertools
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ProcessTerminated
 from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 from twisted.test import iosim
 
 
@@ -132,9 +137,11 @@ class Network:
         self.connections = []
 
     def connect(self, path="/", protocols=None, headers=None, capacity=None, host="127.0.0.1",
-                client=Client, origin=None):
-        """A new client, its opening handshake done.  Returns its L{Connection}."""
-        clients = WebSocketClientFactory(f"ws://127.0.0.1:{self.port}{path}",
+                client=Client, origin=None, name="127.0.0.1"):
+        """A new client from address C{host}, its opening handshake done
+        (C{name}: the server's name in the URL, and so in the Host header).
+        Returns its L{Connection}."""
+        clients = WebSocketClientFactory(f"ws://{name}:{self.port}{path}",
                                          protocols=protocols, headers=headers, origin=origin,
                                          reactor=self.clock)
         clients._batched_timer = ClockTimers(self.clock)
@@ -177,13 +184,18 @@ class SpawningReactor(MemoryReactorClock):
     none in the Twisted versions supported) and hands the process protocol
     a transport that records what it is told."""
 
-    def __init__(self):
+    def __init__(self, ends_on=()):
+        """
+        @param ends_on: the signals that end a child (as SIGKILL does, and
+            SIGTERM for ffmpeg); by default none: the test ends it.
+        """
         super().__init__()
+        self.ends_on = tuple(ends_on)
         self.spawned = []  # (process protocol, executable, args, transport)
 
     def spawnProcess(self, proto, executable, args=(), env=None, path=None, uid=None, gid=None,
                      usePTY=False, childFDs=None):
-        transport = ProcessTransport(proto, 1000 + len(self.spawned))
+        transport = ProcessTransport(proto, 1000 + len(self.spawned), self.ends_on)
         self.spawned.append((proto, executable, list(args), transport))
         proto.makeConnection(transport)
         return transport
@@ -191,13 +203,29 @@ class SpawningReactor(MemoryReactorClock):
     def callFromThread(self, f, *args, **kwargs):
         f(*args, **kwargs)
 
+    def getThreadPool(self):
+        return SyncPool()
+
+
+class SyncPool:
+    """A thread pool that runs each call at once, in the caller's thread."""
+
+    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
 
 class ProcessTransport:
     """What a process protocol sees of a child that is not there: its
     writes, signals and closes are kept; L{end} ends it."""
 
-    def __init__(self, proto, pid):
+    def __init__(self, proto, pid, ends_on=()):
         self.proto = proto
+        self.ends_on = ends_on
         self.pid = pid
         self.written = []
         self.signals = []
@@ -213,6 +241,8 @@ class ProcessTransport:
 
     def signalProcess(self, signal):
         self.signals.append(signal)
+        if signal in self.ends_on and self.pid is not None:
+            self.end(Failure(ProcessTerminated(signal=signal)))
 
     def registerProducer(self, producer, streaming):
         self.producer = producer
@@ -227,3 +257,59 @@ class ProcessTransport:
         """The child ended (C{reason}: a Failure of ProcessDone or ProcessTerminated)."""
         self.pid = None
         self.proto.processEnded(reason)
+
+
+class Thread:
+    """One call the pool was asked to run: the capture loop of one run."""
+
+    def __init__(self, on_result, function, args, kwargs):
+        self.on_result = on_result
+        self.function = function
+        self.output, self.stop = args
+        self.returned = False
+
+    def frames(self, count, number):
+        """The camera delivers C{count} frames (filled with C{number})."""
+        for _ in range(count):
+            self.output.write(bytes([number]) * self.output.frame_size)
+
+    def returns(self):
+        self.returned = True
+        self.on_result(True, None)
+
+    def fails(self, error):
+        self.returned = True
+        self.on_result(False, Failure(error))
+
+
+class RecordingPool:
+    """Stands in for the service's ThreadPool: nothing runs by itself."""
+
+    pools = []
+
+    def __init__(self, minthreads=0, maxthreads=0, name=None):
+        self.threadFactory = None
+        self.started = False
+        self.stopped = False
+        self.threads = []
+        RecordingPool.pools.append(self)
+
+    def start(self):
+        self.started = True
+
+    def stop(self):
+        self.stopped = True
+
+    def callInThreadWithCallback(self, on_result, function, *args, **kwargs):
+        self.threads.append(Thread(on_result, function, args, kwargs))
+
+
+class Source:
+    name = "scripted"
+    framerate = 50
+
+    def describe(self):
+        return "a scripted source"
+
+    def run(self, output, stopping):
+        raise AssertionError("runs on the test's say-so only")
