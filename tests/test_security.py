@@ -4,14 +4,16 @@ HTTP clients may not do."""
 import base64
 import http.client
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import websocket
-from twisted.internet import defer, endpoints, reactor
+from twisted.internet import task
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.trial import unittest
 
 from pistreaming import web
@@ -19,9 +21,10 @@ from pistreaming.auth import (PasswordFile, hash_password, parse_password_file,
                               verify_password)
 from pistreaming.broadcast import StreamFactory, origin_matches_host
 from pistreaming.frames import stream_header
-from pistreaming.options import Config
+from pistreaming.options import Config, Options
+from pistreaming.service import makeService
 from tests.daemon import ROOT, Daemon
-from tests.helpers import wait_until
+from tests.fakes.inmemory import Network, Source, SpawningReactor
 
 
 def passwd(path, user, password, *extra):
@@ -117,13 +120,24 @@ def guarded(password_file):
         yield daemon
 
 
-@pytest.mark.parametrize("path", ["/", "/index.html", "/jsmpg.js", "/pistream.js",
-                                  "/stats.json", "/metrics", "/stream", "/nope"])
-def test_without_credentials_everything_is_401_with_a_challenge(guarded, path):
-    response, body = get(guarded.http_port, path)
-    assert response.status == 401
-    assert response.getheader("WWW-Authenticate") == 'Basic realm="pistream"'
-    assert b"JSMpeg" not in body and b"viewers" not in body
+@pytest.mark.parametrize("path", [b"/", b"/index.html", b"/jsmpg.js", b"/pistream.js",
+                                  b"/stats.json", b"/metrics", b"/stream", b"/nope"])
+def test_without_credentials_everything_is_401_with_a_challenge(password_file, path):
+    # In-process: the daemon's Site (makeService on a MemoryReactorClock),
+    # one request over a StringTransport.
+    options = Options()
+    options.parseOptions(["--passwd", str(password_file)])
+    service = makeService(options.config, reactor=SpawningReactor(), source=Source(),
+                          player=b"//")
+    peer = IPv4Address("TCP", "127.0.0.1", 50000)
+    channel = service.site.buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
+    channel.makeConnection(transport)
+    channel.dataReceived(b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401 ")
+    assert b'\r\nWWW-Authenticate: Basic realm="pistream"' in head
+    assert b"JSMpeg" not in body and b"viewers" not in body and b"jsmp" not in body
 
 
 def test_with_credentials_the_page_and_the_stream_are_there(guarded):
@@ -206,148 +220,67 @@ def test_an_origin_is_the_pages_own_when_host_and_port_agree(origin, host, ok):
     assert origin_matches_host(origin, host) is ok
 
 
-def test_pages_of_other_sites_cannot_open_the_stream():
-    with Daemon("--allow-origin", "https://friend.example") as daemon:
-        url = f"ws://127.0.0.1:{daemon.http_port}/stream"
-        own = f"http://127.0.0.1:{daemon.http_port}"
-        for origin, allowed in [(own, True), ("https://friend.example", True),
-                                ("https://evil.example", False), (None, True)]:
-            kwargs = {"origin": origin} if origin else {"suppress_origin": True}
+class OriginTests(unittest.TestCase):
+    """In memory, on a Clock: the stream on both ports, as the daemon wires it."""
+
+    def test_pages_of_other_sites_cannot_open_the_stream(self):
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        clock = task.Clock()
+        factory = StreamFactory(stream_header(640, 480), clock,
+                                allow_origins=("https://friend.example",))
+        site = web.make_site(Config(ffmpeg="/usr/bin/ffmpeg"), factory, player=b"//",
+                             reactor=clock)
+        on_http = Network(site, clock, port=8082)
+        for origin, allowed in [("http://127.0.0.1:8082", True),  # the page's own
+                                ("https://friend.example", True),
+                                ("https://evil.example", False),
+                                ("http://127.0.0.1:9999", False),
+                                (None, True)]:  # not a browser
+            viewer = on_http.connect(path="/stream", origin=origin)
             if allowed:
-                ws = websocket.create_connection(url, timeout=10, **kwargs)
-                assert ws.recv()[:4] == b"jsmp"
-                ws.close()
+                assert viewer.client.messages[0][0][:4] == b"jsmp", origin
             else:
-                with pytest.raises(websocket.WebSocketBadStatusException) as e:
-                    websocket.create_connection(url, timeout=10, **kwargs)
-                assert e.value.status_code == 403
+                assert viewer.client.messages == [] and viewer.transport.disconnecting, origin
         # the stream's own port too
-        with pytest.raises(websocket.WebSocketBadStatusException):
-            websocket.create_connection(f"ws://127.0.0.1:{daemon.ws_port}/",
-                                        origin="https://evil.example", timeout=10)
-        assert daemon.search(r"refused a page from https://evil.example")
-
-
-# -- the viewer limit --------------------------------------------------------
-
-def test_past_max_viewers_newcomers_are_closed_with_a_reason():
-    with Daemon("--max-viewers", "2") as daemon:
-        url = f"ws://127.0.0.1:{daemon.http_port}/stream"
-        first = websocket.create_connection(url, timeout=10)
-        second = websocket.create_connection(url, timeout=10)
-        third = websocket.create_connection(url, timeout=10)
-        try:
-            frame = third.recv_frame()
-            assert frame.opcode == websocket.ABNF.OPCODE_CLOSE
-            code = int.from_bytes(frame.data[:2], "big")
-            assert (code, frame.data[2:]) == (1013, b"too many viewers (2 at most)")
-            assert first.recv()[:4] == b"jsmp" and second.recv()[:4] == b"jsmp"
-        finally:
-            for ws in (first, second, third):
-                ws.close()
-        assert daemon.search(r"turned away: 2 watching, 2 at most")
+        refused = Network(factory, clock).connect(origin="https://evil.example")
+        assert refused.client.messages == [] and refused.transport.disconnecting
+        said = [e["log_format"].format(**e) for e in events
+                if "refused a page" in e.get("log_format", "")]
+        assert [line.split("refused a page from ")[1].split(" ")[0] for line in said] == [
+            "https://evil.example", "http://127.0.0.1:9999", "https://evil.example"]
 
 
 # -- viewers that talk -----------------------------------------------------
 
 class ChattyViewerTests(unittest.TestCase):
-    timeout = 30
+    """In memory, on a Clock."""
 
-    @defer.inlineCallbacks
     def test_a_viewer_that_keeps_sending_is_closed(self):
-        from autobahn.twisted.websocket import WebSocketClientFactory
-        from tests.test_broadcast import Viewer as Listening
-
-        class Viewer(Listening):
-            pongs = 0
-
-            def onPong(self, payload):
-                self.pongs += 1
-
-        factory = StreamFactory(stream_header(640, 480), reactor)
-        port = yield endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(factory)
-        self.addCleanup(port.stopListening)
-        clients = WebSocketClientFactory(f"ws://127.0.0.1:{port.getHost().port}/", reactor=reactor)
-        clients.protocol = Viewer
-        endpoint = endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
-        quiet = yield endpoint.connect(clients)
-        chatty = yield endpoint.connect(clients)
-        yield wait_until(lambda: quiet.messages and chatty.messages, 5, what="headers")
+        clock = task.Clock()
+        factory = StreamFactory(stream_header(640, 480), clock)
+        network = Network(factory, clock)
+        quiet, chatty = network.connect(), network.connect()
         for _ in range(5):
-            chatty.sendMessage(b"hi")  # a few are ignored
-        chatty.sendPing()  # answered after the server has read the messages
-        yield wait_until(lambda: chatty.pongs == 1, 5, what="the pong")
-        assert chatty.closed is None
+            chatty.client.sendMessage(b"hi")  # a few are ignored
+        chatty.client.sendPing()  # answered after the server has read the messages
+        network.flush()
+        assert chatty.client.pongs == 1 and chatty.client.closed is None
+        # One frame a second goes on for ever (FLOOD_FRAMES in FLOOD_WINDOW s) ...
+        for _ in range(60):
+            clock.advance(1)
+            chatty.client.sendMessage(b"still here")
+            network.flush()
+        assert chatty.client.closed is None
+        # ... a burst does not.
         for _ in range(30):
-            chatty.sendMessage(b"hello?")
-        yield wait_until(lambda: chatty.closed is not None, 5, what="the chatty one closed")
-        assert chatty.closed == (1008, "viewers do not send")
-        assert quiet.closed is None
-        quiet.transport.abortConnection()
-        yield wait_until(lambda: not factory.viewers, 5, what="both gone")
-
-
-# -- HTTP clients that take their time ----------------------------------------
-
-class SlowClientTests(unittest.TestCase):
-    timeout = 30
-
-    @defer.inlineCallbacks
-    def setUp(self):
-        factory = StreamFactory(stream_header(640, 480), reactor)
-        self.site = web.make_site(Config(ffmpeg="/usr/bin/ffmpeg"), factory, player=b"//",
-                                  reactor=reactor)
-        self.site.protocol = type("QuickChannel", (web.Channel,), {"request_deadline": 0.5})
-        self.site.timeOut = 1.0
-        self.port = yield endpoints.TCP4ServerEndpoint(
-            reactor, 0, interface="127.0.0.1").listen(self.site)
-        self.addCleanup(self.port.stopListening)
-
-    def connect(self):
-        sock = socket.create_connection(("127.0.0.1", self.port.getHost().port), timeout=5)
-        sock.setblocking(False)
-        self.addCleanup(sock.close)
-        return sock
-
-    @staticmethod
-    def answer(sock):
-        try:
-            return sock.recv(4096)
-        except BlockingIOError:
-            return None
-
-    @defer.inlineCallbacks
-    def test_a_request_that_dribbles_in_is_cut_off(self):
-        sock = self.connect()
-        sock.send(b"GET /index.html HTTP/1.1\r\nHost: x\r\n")
-        got = []
-
-        def dribble():
-            try:
-                sock.send(b"X-Slow: 1\r\n")  # a header now and then, never the end
-            except OSError:
-                pass
-            data = self.answer(sock)
-            if data is not None:
-                got.append(data)
-            return bool(got)
-
-        yield wait_until(dribble, 5, interval=0.1, what="the 408")
-        assert got[0].startswith(b"HTTP/1.1 408 Request Timeout")
-
-    @defer.inlineCallbacks
-    def test_an_idle_connection_is_closed(self):
-        sock = self.connect()
-        sock.send(b"GET /index.html HTTP/1.1\r\nHost: x\r\n\r\n")
-        yield wait_until(lambda: self.answer(sock) is not None, 5, what="the page")
-        started = reactor.seconds()
-        got = []
-
-        def closed():
-            data = self.answer(sock)
-            if data is not None:
-                got.append(data)
-            return data == b""
-
-        yield wait_until(closed, 5, what="the idle connection closed")
-        assert 0.5 < reactor.seconds() - started < 4
+            chatty.client.sendMessage(b"hello?")
+        network.flush()
+        # closed (what it sends, its answer to the close included, is not
+        # even read: it is cut off after the close handshake's second)
+        assert chatty.server.ignoring
+        network.advance(1.0)
+        assert chatty.client.closed == (1008, "viewers do not send")
+        assert quiet.client.closed is None
+        assert list(factory.fanout.viewers) == [quiet.server]
