@@ -1,5 +1,5 @@
 """Session-wide set-up: the daemons the tests start hear Ctrl+C, and none of
-them outlives the test run."""
+them outlives the test run; fixtures for a module's shared daemon and browser."""
 
 import signal
 
@@ -22,3 +22,26 @@ def no_daemon_left_behind():
     yield
     for daemon in Daemon.started:
         daemon.kill()
+
+
+@pytest.fixture(scope="module")
+def default_daemon():
+    """One daemon of the default configuration (640x480 at 24 fps, the test
+    pattern) for a module's tests that only watch it; a test that changes
+    or stops its daemon starts its own."""
+    with Daemon() as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium (tests/browser.py) for a module's tests; each test
+    opens its own context and pages in it."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from tests.browser import launch
+    with sync_api.sync_playwright() as playwright:
+        chromium = launch(playwright)
+        try:
+            yield chromium
+        finally:
+            chromium.close()

@@ -3,37 +3,46 @@
 The canvas must show a picture (the test pattern's colour bars), the picture
 must change over time, keep its aspect on a phone-sized screen, and come back
 by itself when the daemon restarts.
+
+One browser serves the module (tests/conftest.py), each test in a context of
+its own; the tests that only watch share one daemon of the default
+configuration (640x480 at 24 fps), and those that stop, restart or
+reconfigure it start their own.
 """
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
 from PIL import ImageChops, ImageStat
 import websocket
-from playwright.sync_api import sync_playwright
 
 from pistreaming.mpegts import PACKET, video_pes_start
 
-from tests.browser import launch, picture
-from tests.daemon import Daemon
-from tests.test_stream import ffmpeg_children, read_header
+from tests.browser import picture
+from tests.daemon import ROOT, Daemon
+from tests.test_stream import SEQUENCE_HEADER, ffmpeg_children, read_header
+
+pytestmark = pytest.mark.browser
 
 BACKGROUND = (0x33, 0x33, 0x33)  # the page's default --bgcolor
 
 
-@pytest.fixture(scope="module")
-def browser():
-    with sync_playwright() as p:
-        browser = launch(p)
-        yield browser
-        browser.close()
-
-
-def open_page(browser, url, **context):
+def open_page(browser, url, init="", **context):
+    """A new context and page on C{url}; what the page says on its console
+    (errors and warnings) and its uncaught errors are kept in
+    C{page.complaints}."""
     ctx = browser.new_context(**context)
+    if init:
+        ctx.add_init_script(init)
     page = ctx.new_page()
+    page.complaints = []
+    page.on("console", lambda m: m.type in ("error", "warning")
+            and page.complaints.append(f"console {m.type}: {m.text}"))
+    page.on("pageerror", lambda e: page.complaints.append(f"page error: {e}"))
     page.set_default_timeout(15_000)
     page.goto(url)
     return ctx, page
@@ -44,27 +53,58 @@ def wait_for_pictures(page, more_than, timeout=15_000):
                            timeout=timeout)
 
 
-def test_the_page_shows_a_live_picture_that_changes(browser):
-    with Daemon("--resolution", "640x480", "--framerate", "24") as daemon:
-        ctx, page = open_page(browser, daemon.base_url)  # "/" is the page itself
+def pictures_in(message):
+    return sum(1 for i in range(0, len(message), PACKET)
+               if video_pes_start(message[i:i + PACKET]))
+
+
+def stream_has_a_start(ws, then=3, timeout=10):
+    """Reads the stream until a sequence header (a starting point) and
+    C{then} pictures after it have passed."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while SEQUENCE_HEADER not in seen:
+        assert time.monotonic() < deadline, "no starting point in the stream"
+        seen = seen[-3:] + ws.recv()
+    after = 0
+    while after < then:
+        assert time.monotonic() < deadline, "no pictures after the starting point"
+        after += pictures_in(ws.recv())
+
+
+def stream_goes_quiet(ws, quiet=0.3, timeout=10):
+    """Reads the stream until nothing has come for C{quiet} seconds."""
+    deadline = time.monotonic() + timeout
+    ws.settimeout(quiet)
+    while True:
+        assert time.monotonic() < deadline, "the stream went on"
         try:
-            assert page.locator("#status").inner_text() in ("connecting\u2026", "")
-            wait_for_pictures(page, 10)
-            assert page.locator("#status").is_hidden()
-            # JSMpeg's WebAssembly decoder takes over (the page's policy allows it)
-            page.wait_for_function("() => window.pistream.decoder === 'wasm'", timeout=10_000)
-            state = page.evaluate("({w: window.pistream.width, h: window.pistream.height,"
-                                  " cw: document.getElementById('video').width,"
-                                  " url: window.pistream.url})")
-            assert (state["w"], state["h"], state["cw"]) == (640, 480, 640)
-            assert state["url"] == f"ws://127.0.0.1:{daemon.http_port}/stream"
-            canvas = page.locator("#video")
-            first = picture(canvas.screenshot())
-            page.wait_for_function("() => window.pistream.frames > %d"
-                                   % (page.evaluate("window.pistream.frames") + 12))
-            second = picture(canvas.screenshot())
-        finally:
-            ctx.close()
+            ws.recv()
+        except websocket.WebSocketTimeoutException:
+            return
+
+
+def test_the_page_shows_a_live_picture_that_changes(browser, default_daemon):
+    daemon = default_daemon
+    ctx, page = open_page(browser, daemon.base_url)  # "/" is the page itself
+    try:
+        assert page.locator("#status").inner_text() in ("connecting\u2026", "")
+        wait_for_pictures(page, 10)
+        assert page.locator("#status").is_hidden()
+        # JSMpeg's WebAssembly decoder takes over (the page's policy allows it)
+        page.wait_for_function("() => window.pistream.decoder === 'wasm'", timeout=10_000)
+        state = page.evaluate("({w: window.pistream.width, h: window.pistream.height,"
+                              " cw: document.getElementById('video').width,"
+                              " url: window.pistream.url})")
+        assert (state["w"], state["h"], state["cw"]) == (640, 480, 640)
+        assert state["url"] == f"ws://127.0.0.1:{daemon.http_port}/stream"
+        canvas = page.locator("#video")
+        first = picture(canvas.screenshot())
+        page.wait_for_function("() => window.pistream.frames > %d"
+                               % (page.evaluate("window.pistream.frames") + 12))
+        second = picture(canvas.screenshot())
+    finally:
+        ctx.close()
     # A picture, not a blank canvas: the six colour bars are there.
     assert max(ImageStat.Stat(first).stddev) > 20
     w, h = first.size
@@ -75,22 +115,19 @@ def test_the_page_shows_a_live_picture_that_changes(browser):
     assert max(ImageStat.Stat(diff).mean) > 2, ImageStat.Stat(diff).mean
 
 
-def test_the_page_plays_without_an_error_or_warning_in_its_console(browser):
+def test_the_page_plays_without_an_error_or_warning_in_its_console(browser, default_daemon):
     """Nothing for a person who opens the browser's console to worry about:
     no script error, and no policy violation (the player script's own style
-    is allowed by its hash, nothing else is inline)."""
-    with Daemon("--resolution", "320x240", "--framerate", "24") as daemon:
-        ctx = browser.new_context()
-        page = ctx.new_page()
-        said, failed = [], []
-        page.on("console", lambda m: m.type in ("error", "warning") and said.append(m.text))
-        page.on("pageerror", lambda e: failed.append(str(e)))
-        try:
-            page.goto(daemon.base_url)
-            wait_for_pictures(page, 24)
-        finally:
-            ctx.close()
-    assert (said, failed) == ([], [])
+    is allowed by its hash, nothing else is inline), through a second of
+    pictures and the switch to the WebAssembly decoder."""
+    ctx, page = open_page(browser, default_daemon.base_url)
+    try:
+        wait_for_pictures(page, 24)
+        page.wait_for_function("() => window.pistream.decoder === 'wasm'", timeout=10_000)
+        complaints = list(page.complaints)
+    finally:
+        ctx.close()
+    assert complaints == []
 
 
 def test_a_page_opened_while_the_encoder_stands_still_decodes_all_of_its_start(browser):
@@ -99,10 +136,19 @@ def test_a_page_opened_while_the_encoder_stands_still_decodes_all_of_its_start(b
     decodes the rest, and loses none of it doing so."""
     with Daemon("--resolution", "640x480", "--framerate", "30") as daemon:
         (ffmpeg,) = ffmpeg_children(daemon)
-        time.sleep(0.6)  # somewhere past the stream's first intra picture
-        os.kill(ffmpeg, signal.SIGSTOP)  # nothing new comes out from here on
+        watcher = websocket.create_connection(f"ws://127.0.0.1:{daemon.http_port}/stream",
+                                              timeout=10)
         try:
-            time.sleep(0.3)  # what ffmpeg had written reaches the daemon
+            read_header(watcher)
+            stream_has_a_start(watcher)  # somewhere past the stream's first intra picture
+            os.kill(ffmpeg, signal.SIGSTOP)  # nothing new comes out from here on
+            stream_goes_quiet(watcher)  # what ffmpeg had written reached the daemon
+        except BaseException:
+            os.kill(ffmpeg, signal.SIGCONT)
+            raise
+        finally:
+            watcher.close()
+        try:
             ws = websocket.create_connection(f"ws://127.0.0.1:{daemon.http_port}/stream",
                                              timeout=10)
             try:
@@ -112,8 +158,7 @@ def test_a_page_opened_while_the_encoder_stands_still_decodes_all_of_its_start(b
                 messages = [ws.recv(), ws.recv()]
             finally:
                 ws.close()
-            counts = [sum(1 for i in range(0, len(m), PACKET) if video_pes_start(m[i:i + PACKET]))
-                      for m in messages]
+            counts = [pictures_in(m) for m in messages]
             assert counts[0] == 1 and counts[1] >= 1
             pictures = sum(counts)
             ctx, page = open_page(browser, daemon.base_url)
@@ -121,30 +166,25 @@ def test_a_page_opened_while_the_encoder_stands_still_decodes_all_of_its_start(b
                 # Every one of them (the last one at least once the next
                 # begins, should the demuxer wait for that).
                 wait_for_pictures(page, pictures - 2)
-                time.sleep(0.3)
-                assert page.evaluate("window.pistream.frames") in (pictures - 1, pictures)
                 assert page.evaluate("window.pistream.drawn") >= 1
                 assert page.evaluate("window.pistream.state") == "playing"
+                assert page.evaluate("window.pistream.frames") in (pictures - 1, pictures)
             finally:
                 ctx.close()
         finally:
             os.kill(ffmpeg, signal.SIGCONT)
 
 
-def test_without_webassembly_the_javascript_decoder_plays(browser):
+def test_without_webassembly_the_javascript_decoder_plays(browser, default_daemon):
     """A browser without WebAssembly (or one whose policy refuses it) gets
     the picture all the same, from JSMpeg's JavaScript decoder."""
-    with Daemon("--resolution", "320x240", "--framerate", "24") as daemon:
-        ctx = browser.new_context()
-        ctx.add_init_script("delete window.WebAssembly;")
-        page = ctx.new_page()
-        try:
-            page.goto(daemon.base_url)
-            wait_for_pictures(page, 24)
-            assert page.evaluate("window.pistream.decoder") == "js"
-            assert page.evaluate("window.pistream.player.wasm") == "none"
-        finally:
-            ctx.close()
+    ctx, page = open_page(browser, default_daemon.base_url, init="delete window.WebAssembly;")
+    try:
+        wait_for_pictures(page, 24)
+        assert page.evaluate("window.pistream.decoder") == "js"
+        assert page.evaluate("window.pistream.player.wasm") == "none"
+    finally:
+        ctx.close()
 
 
 # The test pattern's bars, left to right, as which of red, green and blue
@@ -181,37 +221,31 @@ def standing_out(rgb):
     ("", "canvas2d (VideoFrame)"),
     ("delete window.VideoFrame;", "canvas2d"),  # JSMpeg's renderer
 ])
-def test_the_2d_canvas_shows_the_colours_right(browser, init, renderer):
+def test_the_2d_canvas_shows_the_colours_right(browser, default_daemon, init, renderer):
     """Without a GPU the page draws with the 2D canvas: the browser converts
     the decoder's planes (WebCodecs' VideoFrame), or, where it cannot,
     JSMpeg's renderer does; either way the bars come out in their colours
     (the chroma planes in their places)."""
-    with Daemon("--resolution", "640x480") as daemon:
-        ctx = browser.new_context()
-        if init:
-            ctx.add_init_script(init)
-        page = ctx.new_page()
-        try:
-            page.goto(daemon.base_url)
-            wait_for_pictures(page, 10)
-            assert page.evaluate("window.pistream.renderer").split(" (software")[0] == renderer
-            bars = page.evaluate(BAR_COLOURS)
-        finally:
-            ctx.close()
+    ctx, page = open_page(browser, default_daemon.base_url, init=init)
+    try:
+        wait_for_pictures(page, 10)
+        assert page.evaluate("window.pistream.renderer").split(" (software")[0] == renderer
+        bars = page.evaluate(BAR_COLOURS)
+    finally:
+        ctx.close()
     assert [standing_out(rgb) for rgb in bars] == [tuple(sorted(
         names, key=("red", "green", "blue").index)) for names in BARS], bars
 
 
-def test_on_a_phone_the_picture_fills_the_width_and_keeps_its_aspect(browser):
-    with Daemon("--resolution", "640x480") as daemon:
-        ctx, page = open_page(browser, daemon.base_url + "index.html",
-                              viewport={"width": 390, "height": 844},
-                              device_scale_factor=1, is_mobile=True, has_touch=True)
-        try:
-            wait_for_pictures(page, 5)
-            shot = picture(page.screenshot())
-        finally:
-            ctx.close()
+def test_on_a_phone_the_picture_fills_the_width_and_keeps_its_aspect(browser, default_daemon):
+    ctx, page = open_page(browser, default_daemon.base_url + "index.html",
+                          viewport={"width": 390, "height": 844},
+                          device_scale_factor=1, is_mobile=True, has_touch=True)
+    try:
+        wait_for_pictures(page, 5)
+        shot = picture(page.screenshot())
+    finally:
+        ctx.close()
     width, height = shot.size
     assert (width, height) == (390, 844)
     rows = [y for y in range(height)
@@ -262,9 +296,6 @@ def test_the_page_comes_back_by_itself_after_the_daemon_restarts(browser):
 
 
 def test_the_picture_comes_back_after_ffmpeg_is_killed_without_a_reload(browser):
-    import os
-    import signal
-    from tests.test_stream import ffmpeg_children
     with Daemon() as daemon:
         ctx, page = open_page(browser, daemon.base_url)
         try:
@@ -281,10 +312,17 @@ def test_the_picture_comes_back_after_ffmpeg_is_killed_without_a_reload(browser)
             ctx.close()
 
 
+#: The camera service's stall timeout (4 s) has no option: the daemon of the
+#: stall test has it at 1 s, so that the test waits for the page, not the clock.
+SHORT_STALL = ("from pistreaming.camera.service import CameraService\n"
+               "assert CameraService.stall_timeout > 1.0, 'no stall_timeout to shorten'\n"
+               "CameraService.stall_timeout = 1.0")
+
+
 def test_a_camera_that_stops_is_shown_as_unavailable_then_comes_back(browser):
     fakes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakes")
     env = {"PYTHONPATH": fakes, "FAKE_PICAMERA": "stall-after:48"}
-    with Daemon("--framerate", "24", camera="picamera", env=env) as daemon:
+    with Daemon("--framerate", "24", camera="picamera", env=env, prelude=SHORT_STALL) as daemon:
         ctx, page = open_page(browser, daemon.base_url)
         try:
             wait_for_pictures(page, 5)
@@ -302,35 +340,34 @@ def test_a_camera_that_stops_is_shown_as_unavailable_then_comes_back(browser):
             ctx.close()
 
 
-def test_the_overlay_shows_rate_bit_rate_and_viewers(browser):
-    with Daemon("--framerate", "24") as daemon:
-        ctx, page = open_page(browser, daemon.base_url)
-        try:
-            wait_for_pictures(page, 10)
-            assert page.locator("#overlay").is_hidden()
-            page.keyboard.press("s")
-            overlay = page.locator("#overlay")
-            page.wait_for_function(
-                "() => /fps/.test(document.getElementById('overlay').textContent) && "
-                "window.pistream.viewers === 1", timeout=5_000)
-            # once two seconds of pictures are in its window, about 24 fps
-            page.wait_for_function(
-                "() => parseFloat(document.getElementById('overlay').textContent"
-                ".split('\\n')[1]) >= 20", timeout=10_000)
-            lines = overlay.inner_text().splitlines()
-            assert lines[0] == "640\u00d7480"
-            fps = float(lines[1].split()[0])
-            assert 20 <= fps <= 28, lines
-            assert lines[2].endswith("kbit/s") and int(lines[2].split()[0]) > 100
-            assert lines[3] == "1 viewer"
-            page.keyboard.press("s")
-            assert overlay.is_hidden()
-        finally:
-            ctx.close()
+def test_the_overlay_shows_rate_bit_rate_and_viewers(browser, default_daemon):
+    # (The pages of the tests before have closed: this one is the only viewer.)
+    ctx, page = open_page(browser, default_daemon.base_url)
+    try:
+        wait_for_pictures(page, 10)
+        assert page.locator("#overlay").is_hidden()
+        page.keyboard.press("s")
+        overlay = page.locator("#overlay")
+        page.wait_for_function(
+            "() => /fps/.test(document.getElementById('overlay').textContent) && "
+            "window.pistream.viewers === 1", timeout=5_000)
+        # once two seconds of pictures are in its window, about 24 fps
+        page.wait_for_function(
+            "() => parseFloat(document.getElementById('overlay').textContent"
+            ".split('\\n')[1]) >= 20", timeout=10_000)
+        lines = overlay.inner_text().splitlines()
+        assert lines[0] == "640\u00d7480"
+        fps = float(lines[1].split()[0])
+        assert 20 <= fps <= 28, lines
+        assert lines[2].endswith("kbit/s") and int(lines[2].split()[0]) > 100
+        assert lines[3] == "1 viewer"
+        page.keyboard.press("s")
+        assert overlay.is_hidden()
+    finally:
+        ctx.close()
 
 
 def test_past_max_viewers_the_page_says_the_camera_is_busy(browser):
-    import websocket
     with Daemon("--max-viewers", "1") as daemon:
         first = websocket.create_connection(f"ws://127.0.0.1:{daemon.http_port}/stream",
                                             timeout=10)
@@ -349,9 +386,6 @@ def test_past_max_viewers_the_page_says_the_camera_is_busy(browser):
 
 
 def test_with_a_password_the_browser_asks_once_and_plays(browser, tmp_path):
-    import subprocess
-    import sys
-    from tests.daemon import ROOT
     path = tmp_path / "passwd"
     subprocess.run([sys.executable, "-m", "pistreaming.passwd", "--stdin", str(path), "ann"],
                    input="pw for ann\n", text=True, check=True, timeout=60,

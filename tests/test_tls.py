@@ -27,50 +27,49 @@ def https_endpoint(key, cert):
     return f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}"
 
 
-def test_page_and_stream_over_tls_on_one_port(certificate):
+@pytest.fixture(scope="module")
+def daemon(certificate):
+    """One daemon on https for the tests that only watch it."""
     key, cert = certificate
     with Daemon("--http", https_endpoint(key, cert), "--ws-port", "off") as daemon:
-        context = ssl.create_default_context(cafile=str(cert))
-        conn = http.client.HTTPSConnection("127.0.0.1", daemon.http_port, context=context,
-                                           timeout=10)
-        conn.request("GET", "/index.html")
-        response = conn.getresponse()
-        assert response.status == 200 and b"<canvas" in response.read()
-        conn.close()
-        ws = websocket.create_connection(
-            f"wss://127.0.0.1:{daemon.http_port}/stream",
-            sslopt={"ca_certs": str(cert)}, timeout=10)
-        try:
-            assert ws.recv()[:4] == b"jsmp"
-            assert len(ws.recv()) % 188 == 0
-        finally:
-            ws.close()
-        # plain http on the TLS port gets nothing
-        plain = http.client.HTTPConnection("127.0.0.1", daemon.http_port, timeout=10)
-        with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
-            plain.request("GET", "/index.html")
-            plain.getresponse().read()
+        yield daemon
+
+
+def test_page_and_stream_over_tls_on_one_port(certificate, daemon):
+    _, cert = certificate
+    context = ssl.create_default_context(cafile=str(cert))
+    conn = http.client.HTTPSConnection("127.0.0.1", daemon.http_port, context=context,
+                                       timeout=10)
+    conn.request("GET", "/index.html")
+    response = conn.getresponse()
+    assert response.status == 200 and b"<canvas" in response.read()
+    conn.close()
+    ws = websocket.create_connection(
+        f"wss://127.0.0.1:{daemon.http_port}/stream",
+        sslopt={"ca_certs": str(cert)}, timeout=10)
+    try:
+        assert ws.recv()[:4] == b"jsmp"
+        assert len(ws.recv()) % 188 == 0
+    finally:
+        ws.close()
+    # plain http on the TLS port gets nothing
+    plain = http.client.HTTPConnection("127.0.0.1", daemon.http_port, timeout=10)
+    with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+        plain.request("GET", "/index.html")
+        plain.getresponse().read()
 
 
 @pytest.mark.browser
-def test_a_browser_on_https_plays_the_stream_over_wss(certificate):
-    from playwright.sync_api import sync_playwright
-
-    from tests.browser import launch
-
-    key, cert = certificate
-    with Daemon("--http", https_endpoint(key, cert), "--ws-port", "off") as daemon, \
-            sync_playwright() as p:
-        browser = launch(p)
-        try:
-            context = browser.new_context(ignore_https_errors=True)
-            page = context.new_page()
-            page.goto(f"https://127.0.0.1:{daemon.http_port}/")
-            page.wait_for_function("() => window.pistream.frames > 10", timeout=20_000)
-            assert page.evaluate("window.pistream.url") == \
-                f"wss://127.0.0.1:{daemon.http_port}/stream"
-        finally:
-            browser.close()
+def test_a_browser_on_https_plays_the_stream_over_wss(daemon, browser):
+    context = browser.new_context(ignore_https_errors=True)
+    try:
+        page = context.new_page()
+        page.goto(f"https://127.0.0.1:{daemon.http_port}/")
+        page.wait_for_function("() => window.pistream.frames > 10", timeout=20_000)
+        assert page.evaluate("window.pistream.url") == \
+            f"wss://127.0.0.1:{daemon.http_port}/stream"
+    finally:
+        context.close()
 
 
 def test_an_unreadable_certificate_stops_the_daemon_with_one_line(certificate, tmp_path):
