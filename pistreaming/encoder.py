@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
+from pistreaming.camera.picture import rate_text
 from pistreaming.mpegts import PictureSplitter, TSPacketizer
 
 
@@ -27,15 +28,13 @@ from pistreaming.mpegts import PictureSplitter, TSPacketizer
 def raw_input(geometry, framerate):
     """ffmpeg's input for padded raw YUV420 frames on stdin, and the filter that
     crops the padding away: (input arguments, filters)."""
-    framerate = Fraction(framerate)
-    rate = f"{framerate.numerator}/{framerate.denominator}"
     return [
         # input: raw padded frames on stdin, read as they come.  (No
         # "-fflags nobuffer -probesize 32": with them, ffmpeg 5.1 holds one
         # more frame back.)
         "-f", "rawvideo", "-pix_fmt", "yuv420p",
         "-video_size", f"{geometry.padded_width}x{geometry.padded_height}",
-        "-framerate", rate,
+        "-framerate", rate_text(framerate),
         "-i", "pipe:0",
     ], [
         # crop away the camera's padding
@@ -370,6 +369,11 @@ class Encoder(service.Service):
         self._stopped = defer.Deferred()
         proto.writable = False
         try:
+            # The frame producer first: with a paused producer still
+            # registered, Twisted's FileDescriptor resumes it when the pipe
+            # drains instead of closing, and ffmpeg would never see the end
+            # of its input (the stop would wait for SIGKILL).
+            proto.transport.unregisterProducer()
             proto.transport.closeStdin()
         except Exception:
             pass

@@ -232,10 +232,6 @@ class EncoderTests(unittest.TestCase):
         assert not process_exists(pid)
         assert self.encoder.restarts == 0
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "Encoder.stopService closes ffmpeg's stdin with its paused producer still "
-        "registered: Twisted's FileDescriptor then resumes the producer instead of "
-        "closing, ffmpeg never sees the end of its input, and the stop waits for SIGKILL"))
     @defer.inlineCallbacks
     def test_closing_its_input_ends_ffmpeg_without_a_signal(self):
         yield self.feed_until_output()
