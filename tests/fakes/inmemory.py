@@ -191,6 +191,7 @@ class SpawningReactor(MemoryReactorClock):
         """
         super().__init__()
         self.ends_on = tuple(ends_on)
+        self.from_threads = []
         self.spawned = []  # (process protocol, executable, args, transport)
 
     def spawnProcess(self, proto, executable, args=(), env=None, path=None, uid=None, gid=None,
@@ -200,8 +201,21 @@ class SpawningReactor(MemoryReactorClock):
         proto.makeConnection(transport)
         return transport
 
+    #: While true, calls from threads wait (as while the reactor is busy)
+    #: until L{take_from_threads}.
+    holding = False
+
     def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
+        if self.holding:
+            self.from_threads.append((f, args, kwargs))
+        else:
+            f(*args, **kwargs)
+
+    def take_from_threads(self):
+        self.holding = False
+        waiting, self.from_threads = self.from_threads, []
+        for f, args, kwargs in waiting:
+            f(*args, **kwargs)
 
     def getThreadPool(self):
         return SyncPool()
