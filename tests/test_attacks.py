@@ -638,25 +638,25 @@ def test_any_origin_with_passwords_refuses_to_start(password_file):
 
 def test_every_answer_names_pistream_and_forbids_sniffing(default):
     since = time.monotonic()
-    for port in (default.http, default.ws):
+    for which, port in (("http port", default.http), ("stream port", default.ws)):
         for data in (b"OPTIONS * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
                      b"GET * HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"):
             got = exchange(port, data)
-            assert got.status is not None, (port, data, got)
-            assert got.header("server") == "pistream", (port, data, got)
-            assert b"twisted" not in got.data.lower(), (port, data, got)
-            assert got.header("x-content-type-options") == "nosniff", (port, data, got)
+            assert got.status is not None, (which, data, got)
+            assert got.header("server") == "pistream", (which, data, got)
+            assert b"twisted" not in got.data.lower(), (which, data, got)
+            assert got.header("x-content-type-options") == "nosniff", (which, data, got)
         # A NUL in Origin: the answer must not carry the client's bytes in its
         # status line (Autobahn put its reason there, with what it was given).
         marker = b"\x00INJECTED\r\nX-Evil: yes"
         for path in ("/stream", "/"):
             got = exchange(port, handshake(path, extra=b"Origin: http://127.0.0.1" + marker
                                            + b"\r\n"))
-            assert got.status is not None and 400 <= got.status < 500, (port, path, got)
+            assert got.status is not None and 400 <= got.status < 500, (which, path, got)
             assert b"INJECTED" not in got.status_line and b"\x00" not in got.status_line, got
             assert got.header("x-evil") is None, got
-            assert got.header("server") == "pistream", (port, path, got)
-            assert got.header("x-content-type-options") == "nosniff", (port, path, got)
+            assert got.header("server") == "pistream", (which, path, got)
+            assert got.header("x-content-type-options") == "nosniff", (which, path, got)
     default.assert_well(since)
 
 
@@ -666,14 +666,14 @@ def test_every_answer_names_pistream_and_forbids_sniffing(default):
 def test_a_line_over_16_kib_gets_400_before_the_close(default):
     since = time.monotonic()
     long = b"a" * (LINE_LIMIT + 1024)
-    for port in (default.http, default.ws):
+    for which, port in (("http port", default.http), ("stream port", default.ws)):
         for name, data in (
                 ("request line", b"GET /" + long + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"),
                 ("header", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + long + b"\r\n\r\n"),
                 ("handshake header", handshake(extra=b"X-Big: " + long + b"\r\n"))):
             got = exchange(port, data, whole=True, timeout=5)
-            assert got.status == 400, (port, name, got)
-            assert got.closed, (port, name, "not closed after the 400")
+            assert got.status == 400, (which, name, got)
+            assert got.closed, (which, name, "not closed after the 400")
     default.assert_well(since)
 
 
@@ -850,9 +850,11 @@ def talking_viewer(port, kind, auth=None, seconds=5.0):
 
 def test_a_viewer_that_keeps_talking_is_closed_with_1008(default):
     since = time.monotonic()
-    cases = [(port, kind) for port in (default.http, default.ws) for kind in FLOODS]
+    ports = {"http port": default.http, "stream port": default.ws}
+    cases = [(which, kind) for which in ports for kind in FLOODS]
     with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
-        results = dict(zip(cases, pool.map(lambda c: talking_viewer(*c), cases)))
+        results = dict(zip(cases, pool.map(lambda c: talking_viewer(ports[c[0]], c[1]),
+                                           cases)))
     wrong = {case: result for case, result in results.items()
              if result[0] != 1008 or result[1] > 3.0}
     assert wrong == {}, f"not closed with 1008 within 3 s: {wrong}"
@@ -916,14 +918,14 @@ def test_dribbled_requests_are_cut_off_and_capped_per_address(default):
     groups, _ = dribble([(default.http, ["127.0.0.20"]), (default.ws, ["127.0.0.21"])],
                         PENDING_PER_ADDRESS + 4,
                         REQUEST_DEADLINE + 2.5, every=2.0, during=during, during_every=2.0)
-    for port, group in zip((default.http, default.ws), groups):
+    for port, group in zip(("http port", "stream port"), groups):
         at_once = group.closed_within(1.0)
-        assert at_once == 4, f"port {port}: {at_once} of {PENDING_PER_ADDRESS + 4} " \
+        assert at_once == 4, f"{port}: {at_once} of {PENDING_PER_ADDRESS + 4} " \
             "connections from one address closed at once, not the 4 over the cap"
         late = [round(c["closed"] - c["opened"], 1) if c["closed"] else "open"
                 for c in group.conns
                 if c["closed"] is None or c["closed"] - c["opened"] > REQUEST_DEADLINE + 2]
-        assert late == [], f"port {port}: dribbling connections not closed in time: {late}"
+        assert late == [], f"{port}: dribbling connections not closed in time: {late}"
         # Those cut off get 408 or a bare close; those refused at once, an
         # error answer (4xx or 5xx) or a bare close.
         for c in group.conns:
