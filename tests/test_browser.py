@@ -20,11 +20,10 @@ import pytest
 from PIL import ImageChops, ImageStat
 import websocket
 
-from pistreaming.mpegts import PACKET, video_pes_start
-
 from tests.browser import picture
 from tests.daemon import ROOT, Daemon
-from tests.test_stream import SEQUENCE_HEADER, ffmpeg_children, read_header
+from tests.test_stream import (
+    ffmpeg_children, pictures_in, read_header, stream_goes_quiet, stream_has_a_start)
 
 pytestmark = pytest.mark.browser
 
@@ -51,37 +50,6 @@ def open_page(browser, url, init="", **context):
 def wait_for_pictures(page, more_than, timeout=15_000):
     page.wait_for_function(f"() => window.pistream && window.pistream.frames > {more_than}",
                            timeout=timeout)
-
-
-def pictures_in(message):
-    return sum(1 for i in range(0, len(message), PACKET)
-               if video_pes_start(message[i:i + PACKET]))
-
-
-def stream_has_a_start(ws, then=3, timeout=10):
-    """Reads the stream until a sequence header (a starting point) and
-    C{then} pictures after it have passed."""
-    deadline = time.monotonic() + timeout
-    seen = b""
-    while SEQUENCE_HEADER not in seen:
-        assert time.monotonic() < deadline, "no starting point in the stream"
-        seen = seen[-3:] + ws.recv()
-    after = 0
-    while after < then:
-        assert time.monotonic() < deadline, "no pictures after the starting point"
-        after += pictures_in(ws.recv())
-
-
-def stream_goes_quiet(ws, quiet=0.3, timeout=10):
-    """Reads the stream until nothing has come for C{quiet} seconds."""
-    deadline = time.monotonic() + timeout
-    ws.settimeout(quiet)
-    while True:
-        assert time.monotonic() < deadline, "the stream went on"
-        try:
-            ws.recv()
-        except websocket.WebSocketTimeoutException:
-            return
 
 
 def test_the_page_shows_a_live_picture_that_changes(browser, default_daemon):

@@ -23,7 +23,8 @@ from pistreaming.encoder import ffmpeg_command
 from pistreaming.frames import FrameGeometry
 from pistreaming.mpegts import PACKET, video_pes_start
 from tests.daemon import Daemon
-from tests.test_stream import ffmpeg_children, read_header
+from tests.test_stream import (
+    ffmpeg_children, read_header, stream_goes_quiet, stream_has_a_start)
 
 T0 = 1_790_000_000.0  # a time stamp in 2026, far from 2**32 ms boundaries
 
@@ -59,16 +60,15 @@ def test_a_newcomer_gets_a_decodable_picture_without_waiting_for_the_stream():
     with Daemon("--resolution", "640x480", "--framerate", "30") as daemon:
         first = websocket.create_connection(f"ws://127.0.0.1:{daemon.http_port}/stream",
                                             timeout=10)
-        read_header(first)
-        deadline = time.monotonic() + 10
-        seen = b""
-        while b"\x00\x00\x01\xb3" not in seen and time.monotonic() < deadline:
-            seen += first.recv()  # run until the stream has had a starting point
-        first.close()
         (ffmpeg,) = ffmpeg_children(daemon)
-        os.kill(ffmpeg, signal.SIGSTOP)  # nothing new comes out from here on
         try:
-            time.sleep(0.3)  # let what ffmpeg had written reach the viewers
+            read_header(first)
+            stream_has_a_start(first, then=0)  # the stream has had a starting point
+            os.kill(ffmpeg, signal.SIGSTOP)  # nothing new comes out from here on
+            stream_goes_quiet(first)  # what ffmpeg had written reached the viewers
+        finally:
+            first.close()
+        try:
             ws = websocket.create_connection(f"ws://127.0.0.1:{daemon.http_port}/stream",
                                              timeout=10)
             try:

@@ -22,6 +22,7 @@ import time
 import pytest
 import websocket
 
+from pistreaming.mpegts import PACKET, video_pes_start
 from tests.daemon import Daemon
 
 SEQUENCE_HEADER = b"\x00\x00\x01\xb3"
@@ -50,6 +51,37 @@ def collect(ws, seconds):
         assert all(data[i] == 0x47 for i in range(0, len(data), 188))
         chunks.append(data)
     return b"".join(chunks)
+
+
+def pictures_in(message):
+    return sum(1 for i in range(0, len(message), PACKET)
+               if video_pes_start(message[i:i + PACKET]))
+
+
+def stream_has_a_start(ws, then=3, timeout=10):
+    """Reads the stream until a sequence header (a starting point) and
+    C{then} pictures after it have passed."""
+    deadline = time.monotonic() + timeout
+    seen = b""
+    while SEQUENCE_HEADER not in seen:
+        assert time.monotonic() < deadline, "no starting point in the stream"
+        seen = seen[-3:] + ws.recv()
+    after = 0
+    while after < then:
+        assert time.monotonic() < deadline, "no pictures after the starting point"
+        after += pictures_in(ws.recv())
+
+
+def stream_goes_quiet(ws, quiet=0.3, timeout=10):
+    """Reads the stream until nothing has come for C{quiet} seconds."""
+    deadline = time.monotonic() + timeout
+    ws.settimeout(quiet)
+    while True:
+        assert time.monotonic() < deadline, "the stream went on"
+        try:
+            ws.recv()
+        except websocket.WebSocketTimeoutException:
+            return
 
 
 def decoded_frames(ts_bytes, tmp_path):
