@@ -8,7 +8,6 @@ import os
 import random
 import signal
 
-import pytest
 from twisted.internet import defer, reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.logger import globalLogPublisher

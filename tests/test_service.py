@@ -5,7 +5,9 @@ the reactor records what it is asked, the camera's thread pool only records,
 and time passes when the test says."""
 
 import base64
+import os
 import signal
+import tempfile
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
@@ -143,7 +145,9 @@ class WiringTests(ServiceCase):
 class PasswordTests(ServiceCase):
     def setUp(self):
         super().setUp()
-        path = self.mktemp()
+        directory = tempfile.TemporaryDirectory()
+        self.addCleanup(directory.cleanup)
+        path = os.path.join(directory.name, "passwd")
         with open(path, "w") as f:
             f.write(f"alice:{hash_password('wonder land', iterations=1000)}\n")
         self.service = self.build("--passwd", path)
