@@ -237,7 +237,8 @@ class EncoderTests(unittest.TestCase):
         pid = self.encoder.process.transport.pid
         signals = []
         self.patch(self.encoder, "_signal", lambda proto, signum: signals.append(signum))
-        self.encoder.term_after, self.encoder.kill_after = 0.3, 0.4
+        # no signal comes for a minute: only the end of its input can end it
+        self.encoder.term_after, self.encoder.kill_after = 60, 61
         # a frame on its way to ffmpeg when the daemon stops, as is usual
         yield wait_until(lambda: not self.encoder.process.paused, 5, interval=0.005,
                          what="ffmpeg ready for a frame")
@@ -246,7 +247,7 @@ class EncoderTests(unittest.TestCase):
         assert self.encoder.frames_in == taken + 1
         done = self.encoder.stopService()
         try:
-            yield with_timeout(done, 0.2, "ffmpeg to end at the end of its input")
+            yield with_timeout(done, 10, "ffmpeg to end at the end of its input")
         finally:
             if pid is not None and process_exists(pid):
                 os.kill(pid, signal.SIGKILL)
