@@ -11,14 +11,17 @@ What one client connection can do:
 - Between requests a keep-alive connection may stay idle IDLE_TIMEOUT
   seconds (the Site's timeout), counted from the end of the last answer.
 - A request body is refused unread (``413``), framing the daemon does not
-  accept (odd Content-Length or Transfer-Encoding forms, folded header lines,
-  control characters) gets ``400``, and so does a request line or header line
+  accept (odd Content-Length or Transfer-Encoding forms, any of them on a
+  GET or HEAD, folded header lines, control characters) gets ``400``, and so does a request line or header line
   over MAX_LINE bytes or headers over 16 KiB in all.
 - Pipelined requests are answered one by one, and the next one is not even
   parsed while the connection holds more unsent data than its transport's
   buffer (64 KiB for TCP): a client that sends requests and never reads
   answers makes the daemon hold that, one answer, and at most MAX_UNPARSED
-  bytes of its requests, however many it sends.
+  bytes of its requests, however many it sends.  Browsers never pipeline:
+  after MAX_PIPELINED pipelined answers in a row the connection closes (the
+  kernel would take hundreds of small answers that are never read, each of
+  them work).
 - A connection that has not finished a request yet counts as *pending*
   (L{pistreaming.admission.PendingConnections}, the Site's C{pending}); one
   over the caps is answered ``503`` and closed.
@@ -47,6 +50,9 @@ MAX_LINE = 16384
 #: wait to be sent; a client that sends more than that meanwhile (it cannot
 #: over TCP: reading stops) is cut off.
 MAX_UNPARSED = 128 * 1024
+#: Requests a connection may have answered in a row while the next one was
+#: already there (pipelined); after that it closes.
+MAX_PIPELINED = 16
 #: Seconds between two log lines about refused connections from one address.
 REFUSAL_LOG_INTERVAL = 60
 
@@ -102,6 +108,8 @@ class Channel(http.HTTPChannel):
     request_deadline = REQUEST_DEADLINE
     MAX_LENGTH = MAX_LINE
     max_unparsed = MAX_UNPARSED
+    max_pipelined = MAX_PIPELINED
+    _pipelined = 0
 
     site = None
     _deadline = None
@@ -195,7 +203,7 @@ class Channel(http.HTTPChannel):
         # The request is in: it is answered now, no longer pending.
         self._cancel_deadline()
         self._release()
-        refusal = framing_refusal(self.requests[-1].requestHeaders)
+        refusal = framing_refusal(self.requests[-1].requestHeaders, self._command)
         if refusal is not None:
             self._refuse(refusal)
             return
@@ -226,7 +234,20 @@ class Channel(http.HTTPChannel):
 
     def requestDone(self, request):
         if self.persistent and not self._closing:
-            if not self._admit():
+            # Pipelined: the next request was here before this answer was
+            # done.  Browsers never pipeline; a client that keeps doing it
+            # gets MAX_PIPELINED answers in a row, then the connection closes
+            # (each answer costs the daemon work, even if unread).
+            if self._buffer or self._dataBuffer:
+                self._pipelined += 1
+            else:
+                self._pipelined = 0
+            if self._pipelined >= self.max_pipelined:
+                log.info("HTTP client {address} pipelined {count} requests without reading "
+                         "the answers; closing", address=self._address(),
+                         count=self._pipelined)
+                self.persistent = False
+            elif not self._admit():
                 # Over the caps while waiting for another request: the
                 # answer goes out, then the connection closes.
                 self.persistent = False
@@ -320,11 +341,13 @@ class Channel(http.HTTPChannel):
         return super().connectionLost(reason)
 
 
-def framing_refusal(headers):
-    """The status a request with C{headers} gets for its framing (Twisted has
-    already answered 400 to two framing headers and to a Content-Length that
-    is not digits), or None: a body (its length given, or chunked) is 413,
-    anything else but "Content-Length: 0" is 400."""
+def framing_refusal(headers, method=b"GET"):
+    """The status a request C{method} with C{headers} gets for its framing
+    (Twisted has already answered 400 to two framing headers and to a
+    Content-Length that is not digits), or None: a body (its length given,
+    or chunked) is 413; any other framing header is 400, but for
+    "Content-Length: 0" on a method that may have a body (which gets its
+    405 here)."""
     encodings = headers.getRawHeaders(b"transfer-encoding")
     lengths = headers.getRawHeaders(b"content-length")
     if encodings:
@@ -332,8 +355,8 @@ def framing_refusal(headers):
             return 413
         return 400
     if lengths:
-        if lengths != [b"0"]:
-            if len(lengths) == 1 and lengths[0].isdigit() and int(lengths[0]) > 0:
-                return 413
+        if len(lengths) == 1 and lengths[0].isdigit() and int(lengths[0]) > 0:
+            return 413
+        if lengths != [b"0"] or method in (b"GET", b"HEAD"):
             return 400
     return None
