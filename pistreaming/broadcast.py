@@ -191,7 +191,7 @@ class ViewerProtocol(WebSocketServerProtocol):
         if pending is None or came_through_http_port(self.transport, factory):
             return  # the HTTP port's channel counted it while it read the request
         key = address_key(address_of(self.transport.getPeer()))
-        if pending.admit(key):
+        if pending.admit(key, self._evicted):
             self._pending_key = key
             return
         factory.refused_pending(key, address_of(self.transport.getPeer()))
@@ -213,10 +213,17 @@ class ViewerProtocol(WebSocketServerProtocol):
         txaio.resolve(self.is_closed, self)
         self._closeConnection(abort)
 
+    def _evicted(self):
+        # The longest-pending connection, closed to make room for a newer
+        # one (pistreaming.admission): it has sent no whole handshake yet.
+        self._pending_key = None
+        self.ignoring = True
+        self._cut()
+
     def _release_pending(self):
         key, self._pending_key = self._pending_key, None
         if key is not None:
-            self.factory.pending.release(key)
+            self.factory.pending.release(key, self._evicted)
 
     def connectionLost(self, reason):
         self._release_pending()
@@ -254,7 +261,7 @@ class ViewerProtocol(WebSocketServerProtocol):
             if self._request_seen:
                 self.failHandshake("data before the handshake's answer", 400)
             else:
-                self.failHandshake("the request is too big", 431)
+                self.failHandshake("the request is too big", 400)
         elif getattr(self, "closeHandshakeTimeoutCall", None) is None:
             self._cut()
 
@@ -302,12 +309,12 @@ class ViewerProtocol(WebSocketServerProtocol):
             if len(self.data) > MAX_REQUEST:
                 self._request_seen = True
                 self._release_pending()
-                self.failHandshake("the request's headers are too big", 431)
+                self.failHandshake("the request's headers are too big", 400)
             return
         self._request_seen = True
         self._release_pending()
         if end + 4 > MAX_REQUEST:
-            return self.failHandshake("the request's headers are too big", 431)
+            return self.failHandshake("the request's headers are too big", 400)
         # The Host header, before anything else (Autobahn's own checks, the
         # Origin, the password).
         for host in self._host_values(self.data[:end]):

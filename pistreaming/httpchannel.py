@@ -62,16 +62,19 @@ _REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
     413: b"Content Too Large",
+    429: b"Too Many Requests",
     503: b"Service Unavailable",
 }
 
 
-def answer(code):
+def answer(code, retry_after=None):
     """The whole answer the channel writes for C{code}: a short text, the
-    headers every answer carries, and C{Connection: close}."""
+    headers every answer carries, C{Retry-After} if given, and
+    C{Connection: close}."""
     reason = _REASONS[code]
     body = b"%d %s\n" % (code, reason.lower())
-    return (b"HTTP/1.1 %d %s\r\n" % (code, reason) +
+    retry = b"Retry-After: %d\r\n" % retry_after if retry_after is not None else b""
+    return (b"HTTP/1.1 %d %s\r\n" % (code, reason) + retry +
             b"Server: pistream\r\n"
             b"X-Content-Type-Options: nosniff\r\n"
             b"Content-Type: text/plain; charset=utf-8\r\n"
@@ -129,7 +132,11 @@ class Channel(http.HTTPChannel):
         # The first request's deadline runs from the open.
         self._start_deadline()
         if not self._admit():
-            self._refuse(503, why="pending")
+            # Its address has too many unfinished requests (429), or, where
+            # no pending connection could make room, everyone has (503).
+            pending = self._pending()
+            full = pending.by_address.get(address_key(self._address()), 0) >= pending.per_address
+            self._refuse(429 if full else 503, why="pending", retry_after=1)
 
     def _pending(self):
         return getattr(self.site, "pending", None)
@@ -142,15 +149,20 @@ class Channel(http.HTTPChannel):
         if pending is None:
             return True
         key = address_key(self._address())
-        if not pending.admit(key):
+        if not pending.admit(key, self._evicted):
             return False
         self._pending_key = key
         return True
 
+    def _evicted(self):
+        # The longest-pending connection, closed to make room for a newer one
+        # (pistreaming.admission): it has had its chance to send a request.
+        self._refuse(408)
+
     def _release(self):
         key, self._pending_key = self._pending_key, None
         if key is not None:
-            self._pending().release(key)
+            self._pending().release(key, self._evicted)
 
     def _refusal_logged(self, key):
         refusals = _refusal_logs.setdefault(self._pending(), _RefusalLog())
@@ -305,7 +317,7 @@ class Channel(http.HTTPChannel):
         # long headers) carries no headers; this one carries ours.
         self._refuse(400)
 
-    def _refuse(self, code, why=None):
+    def _refuse(self, code, why=None, retry_after=None):
         """Answer C{code} and close; whatever else comes is ignored."""
         if self._closing:
             return
@@ -320,7 +332,7 @@ class Channel(http.HTTPChannel):
                          address=self._address(), count=self._pending().count)
         self._release()
         self.paused = True
-        self.transport.write(answer(code))
+        self.transport.write(answer(code, retry_after))
         self.loseConnection()
         # A client that does not read is not waited for long.
         if self.abortTimeout is not None and self._abortingCall is None:
@@ -345,9 +357,9 @@ def framing_refusal(headers, method=b"GET"):
     """The status a request C{method} with C{headers} gets for its framing
     (Twisted has already answered 400 to two framing headers and to a
     Content-Length that is not digits), or None: a body (its length given,
-    or chunked) is 413; any other framing header is 400, but for
-    "Content-Length: 0" on a method that may have a body (which gets its
-    405 here)."""
+    or chunked) is 413; any other framing header is 400, but for a plain
+    "Content-Length: 0", which says there is no body (some clients send it
+    with every request) and is answered as if it were not there."""
     encodings = headers.getRawHeaders(b"transfer-encoding")
     lengths = headers.getRawHeaders(b"content-length")
     if encodings:
@@ -357,6 +369,6 @@ def framing_refusal(headers, method=b"GET"):
     if lengths:
         if len(lengths) == 1 and lengths[0].isdigit() and int(lengths[0]) > 0:
             return 413
-        if lengths != [b"0"] or method in (b"GET", b"HEAD"):
+        if lengths != [b"0"]:
             return 400
     return None

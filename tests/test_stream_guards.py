@@ -364,7 +364,7 @@ def test_the_101_answer_names_the_server(factory):
 def test_a_request_too_big_is_refused(factory):
     viewer = Connection(factory)
     viewer.send(b"GET / HTTP/1.1\r\nX-Filler: " + b"a" * 17000)
-    assert_standard_answer(viewer.output(), b"HTTP/1.1 431 Request Header Fields Too Large")
+    assert_standard_answer(viewer.output(), b"HTTP/1.1 400 Bad Request")
     assert viewer.closed
 
 
@@ -472,6 +472,21 @@ def test_a_pending_slot_is_released_once(clock, pending):
     other.send(handshake("rebound.example"))  # refused: released
     other.lose()
     assert pending.count == 0
+
+
+def test_with_every_slot_taken_the_longest_waiting_makes_room(clock):
+    pending = PendingConnections(per_address=16, total=4)
+    factory = StreamFactory(HEADER, clock, hosts=HostPolicy(hostname="camera"),
+                            pending=pending)
+    waiting = [Connection(factory, client=f"203.0.113.{i}") for i in range(4)]
+    viewer = Connection(factory, client="198.51.100.7")
+    assert not viewer.closed
+    assert waiting[0].transport.aborted and not any(w.closed for w in waiting[1:])
+    assert pending.count == 4 and pending.evicted == 1
+    waiting[0].lose()  # its own release counts nothing twice
+    assert pending.count == 4
+    viewer.open()
+    assert pending.count == 3
 
 
 def test_connections_from_the_http_port_are_not_counted_here(clock, pending):
