@@ -21,7 +21,7 @@ import os
 import resource
 import socket
 
-from twisted.application.internet import StreamServerEndpointService
+from twisted.application import service
 from twisted.internet import defer, endpoints, tcp
 from twisted.internet.interfaces import IReactorSSL, IReactorTCP
 from twisted.internet.posixbase import PosixReactorBase
@@ -200,23 +200,40 @@ class _Listening:
         return listening
 
 
-class ListeningService(StreamServerEndpointService):
-    """C{strports.service}'s service: binds in privilegedStartService (an
+class ListeningService(service.Service):
+    """What C{strports.service} gives, on public API only: listens on an
+    endpoint in privilegedStartService (before twistd drops privileges; an
     error there is raised at once), stops listening when stopped; and
     L{when_listening} gives the listening port."""
 
     def __init__(self, endpoint, factory):
-        super().__init__(endpoint, factory)
-        self._raiseSynchronously = True
+        self.endpoint = endpoint
+        self.factory = factory
         #: The IListeningPort, once listening.
         self.port = None
+        self._listening = None
         self._waiting = []
 
     def privilegedStartService(self):
         super().privilegedStartService()
-        self._waitingForPort.addCallback(self._listening)
+        self._listen()
 
-    def _listening(self, port):
+    def startService(self):
+        super().startService()
+        if self._listening is None:  # not started through privilegedStartService
+            self._listen()
+
+    def _listen(self):
+        failed = []
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._listened, failed.append)
+        if failed:  # a TCP or TLS endpoint has tried by now: say so at once
+            self._listening = None
+            failed[0].raiseException()
+        self._listening.addErrback(
+            lambda f: log.failure("listening failed", f))
+
+    def _listened(self, port):
         self.port = port
         waiting, self._waiting = self._waiting, []
         for d in waiting:
@@ -231,6 +248,16 @@ class ListeningService(StreamServerEndpointService):
         d = defer.Deferred()
         self._waiting.append(d)
         return d
+
+    def stopService(self):
+        super().stopService()
+        listening, self._listening = self._listening, None
+        port, self.port = self.port, None
+        if port is not None:
+            return defer.maybeDeferred(port.stopListening)
+        if listening is not None:
+            listening.cancel()
+        return None
 
 
 def listen_service(description, factory, reactor):

@@ -5,7 +5,7 @@
 A V4L2 device or a video file has no camera thread: ffmpeg reads it itself.
 """
 
-from twisted.application import service, strports
+from twisted.application import service
 from twisted.internet import error
 from twisted.logger import Logger
 
@@ -18,6 +18,7 @@ from pistreaming.fanout import BroadcastService
 from pistreaming.admission import PendingConnections
 from pistreaming.frames import stream_header
 from pistreaming.hosts import HostPolicy
+from pistreaming.listening import listen_service, raise_file_limit
 from pistreaming.memory import Collector
 from pistreaming.stats import PictureTimes, Stats
 from pistreaming.web import make_site
@@ -77,11 +78,11 @@ class Pistream(service.MultiService):
                               hosts=self.hosts, pending=self.pending)
 
         # Listening ports first: a port that cannot be bound stops start-up.
-        self.http = strports.service(config.http, self.site, reactor=reactor)
+        self.http = listen_service(config.http, self.site, reactor)
         self.http.setServiceParent(self)
         self.ws = None
         if config.ws:
-            self.ws = strports.service(config.ws, self.factory, reactor=reactor)
+            self.ws = listen_service(config.ws, self.factory, reactor)
             self.ws.setServiceParent(self)
         BroadcastService(self.fanout, reactor).setServiceParent(self)
         self.stats.setServiceParent(self)
@@ -134,7 +135,7 @@ class Pistream(service.MultiService):
         for svc, what in ((self.ws, "websockets server"), (self.http, "HTTP server")):
             if svc is None:
                 continue
-            svc._waitingForPort.addCallback(self._listening, what)
+            svc.when_listening().addCallback(self._listening, what)
 
     def _listening(self, port, what):
         address = port.getHost()
@@ -149,6 +150,8 @@ def makeService(config, reactor, source=None, player=None):
     @param source: a frame source; by default chosen from C{config.camera}.
     """
     why = "given"
+    # Before the pending-connection caps are sized from it (a quarter of it).
+    raise_file_limit()
     if source is None:
         source, why = choose_source(config)
     return Pistream(config, reactor, source, why, player=player)

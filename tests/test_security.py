@@ -120,7 +120,7 @@ def guarded(password_file):
         yield daemon
 
 
-@pytest.mark.parametrize("path", [b"/", b"/index.html", b"/jsmpg.js", b"/pistream.js",
+@pytest.mark.parametrize("path", [b"/", b"/index.html", b"/jsmpg.js",
                                   b"/stats.json", b"/metrics", b"/stream", b"/nope"])
 def test_without_credentials_everything_is_401_with_a_challenge(password_file, path):
     # In-process: the daemon's Site (makeService on a MemoryReactorClock),
@@ -170,7 +170,7 @@ def test_failures_are_logged_with_the_address_and_then_refused(password_file):
     with Daemon("--passwd", str(password_file)) as guarded:
         mark = len(guarded.lines)
         bob = {"Authorization": basic("bob", "builder")}
-        response, _ = get(guarded.http_port, "/pistream.css", bob)  # bob logged in before
+        response, _ = get(guarded.http_port, "/jsmpg.js", bob)  # bob logged in before
         assert response.status == 200
         answers = []
         for i in range(8):
@@ -197,7 +197,7 @@ def test_failures_are_logged_with_the_address_and_then_refused(password_file):
                          r"attempts; refusing for [124]s", 5, start=mark)
         # A user who logged in from this address before is not held up.
         started = time.monotonic()
-        response, _ = get(guarded.http_port, "/pistream.css", bob)
+        response, _ = get(guarded.http_port, "/jsmpg.js", bob)
         assert (response.status, response.getheader("Retry-After")) == (200, None)
         assert time.monotonic() - started < 2.0
 
