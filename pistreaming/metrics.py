@@ -73,6 +73,9 @@ class StatsCollector:
         yield _counter("pistream_connections_refused_pending",
                        "Connections dropped at once because too many had not sent "
                        "their request yet.", s["connections"]["refused_pending"])
+        yield _counter("pistream_connections_evicted_pending",
+                       "Connections that had not sent their request yet, closed to make "
+                       "room for newer ones.", s["connections"]["evicted_pending"])
         yield _gauge("pistream_bitrate_bits_per_second",
                      "Encoded bit rate over the last seconds.", stream["bitrate"])
         yield _gauge("pistream_framerate_per_second",

@@ -9,7 +9,10 @@ counters), ``frames_dropped_before_encoder``, ``latency_ms`` (per stage:
 count, p50, p95, max over the last minute), ``broadcast`` (byte counters,
 skips, viewers turned away, the backlog limit), ``connections``
 (``refused_pending``: connections dropped at once, on either port,
-because too many had not sent their whole request yet) and ``viewers``: ``max``,
+because their address had too many that had not sent their whole request
+yet; ``evicted_pending``: such connections closed, the longest-waiting
+first, to make room for newer ones when all the slots were taken) and
+``viewers``: ``max``,
 ``count``, ``total`` and ``list``, one object per viewer connected now::
 
     {"address": "192.0.2.7:51234", "connected_since": 1700000000.0,
@@ -215,6 +218,7 @@ class Stats(TimerService):
             },
             "connections": {
                 "refused_pending": self.pending.refused if self.pending is not None else 0,
+                "evicted_pending": self.pending.evicted if self.pending is not None else 0,
             },
             "viewers": {
                 "max": stream.max_viewers or None,

@@ -54,13 +54,19 @@ def test_the_encoder_s_state_is_shown():
 
 def test_connections_refused_for_too_many_pending_are_counted():
     parts = make()
-    assert parts.stats.gather()["connections"] == {"refused_pending": 0}
+    assert parts.stats.gather()["connections"] == {"refused_pending": 0, "evicted_pending": 0}
     assert metric(parts.stats, "pistream_connections_refused_pending_total") == 0
-    assert parts.pending.admit("192.0.2.7")
+    parts.pending.per_address, parts.pending.total = 1, 2
+    closed = []
+    assert parts.pending.admit("192.0.2.7", lambda: closed.append("first"))
     assert not parts.pending.admit("192.0.2.7")
     assert not parts.pending.admit("192.0.2.7")
-    assert parts.stats.gather()["connections"] == {"refused_pending": 2}
+    assert parts.pending.admit("192.0.2.8")
+    assert parts.pending.admit("192.0.2.9")  # all taken: the first makes room
+    assert closed == ["first"]
+    assert parts.stats.gather()["connections"] == {"refused_pending": 2, "evicted_pending": 1}
     assert metric(parts.stats, "pistream_connections_refused_pending_total") == 2
+    assert metric(parts.stats, "pistream_connections_evicted_pending_total") == 1
 
 
 def test_rates_come_from_samples_on_the_clock_and_counters_from_the_fan_out():
