@@ -286,13 +286,14 @@ def fed_loopback():
         stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
+        while True:  # until the device offers what the producer feeds it
             try:
                 info = v4l2.query_device(device)
                 if v4l2.choose_format(info, 640, 480, 30):
                     break
             except v4l2.DeviceError:
                 pass
+            assert time.monotonic() < deadline, f"{device} offers no 640x480 at 30 fps"
             time.sleep(0.1)
         yield device
     finally:
