@@ -31,6 +31,8 @@ from zope.interface import implementer
 #: The soft descriptor limit L{raise_file_limit} asks for (or the hard one,
 #: if lower).
 FILE_LIMIT = 65536
+#: The least length of the queue of connections waiting to be accepted.
+LISTEN_BACKLOG = 511
 #: Seconds a port stops accepting when it could free no descriptor at all.
 PAUSE = 0.5
 #: Connections taken off the queue and closed per turn, at most.
@@ -187,7 +189,10 @@ class _Listening:
         return getattr(self._reactor, name)
 
     def listenTCP(self, port, factory, backlog=50, interface=""):
-        listening = Port(port, factory, backlog, interface, self._reactor)
+        # Twisted's default queue of 50 unaccepted connections overflows
+        # under a burst (the kernel drops SYNs; clients retry 1, 3, 7 s
+        # later); nginx's 511 does not, and costs nothing.
+        listening = Port(port, factory, max(backlog, LISTEN_BACKLOG), interface, self._reactor)
         listening.startListening()
         return listening
 
