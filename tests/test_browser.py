@@ -5,9 +5,9 @@ must change over time, keep its aspect on a phone-sized screen, and come back
 by itself when the daemon restarts.
 
 One browser serves the module (tests/conftest.py), each test in a context of
-its own; the tests that only watch share one daemon of the default
-configuration (640x480 at 24 fps), and those that stop, restart or
-reconfigure it start their own.
+its own; the tests that only watch (or kill ffmpeg, which the daemon
+restarts) share one daemon of the default configuration (640x480 at 24 fps),
+and those that stop, freeze or reconfigure it start their own.
 """
 
 import os
@@ -280,21 +280,21 @@ def test_the_page_comes_back_by_itself_after_the_daemon_restarts(browser):
             ctx.close()
 
 
-def test_the_picture_comes_back_after_ffmpeg_is_killed_without_a_reload(browser):
-    with Daemon() as daemon:
-        ctx, page = open_page(browser, daemon.base_url)
-        try:
-            wait_for_pictures(page, 10)
-            (ffmpeg,) = ffmpeg_children(daemon)
-            mark = len(daemon.lines)
-            os.kill(ffmpeg, signal.SIGKILL)
-            daemon.wait_for(r"encoder process: ffmpeg pid", 10, start=mark)
-            before = page.evaluate("window.pistream.frames")
-            wait_for_pictures(page, before + 24)  # a second of pictures, on the same page
-            assert page.evaluate("window.pistream.connects") == 1
-            assert page.locator("#status").is_hidden()
-        finally:
-            ctx.close()
+def test_the_picture_comes_back_after_ffmpeg_is_killed_without_a_reload(browser, default_daemon):
+    daemon = default_daemon  # it restarts ffmpeg by itself: the daemon stays fit to share
+    ctx, page = open_page(browser, daemon.base_url)
+    try:
+        wait_for_pictures(page, 10)
+        (ffmpeg,) = ffmpeg_children(daemon)
+        mark = len(daemon.lines)
+        os.kill(ffmpeg, signal.SIGKILL)
+        daemon.wait_for(r"encoder process: ffmpeg pid", 10, start=mark)
+        before = page.evaluate("window.pistream.frames")
+        wait_for_pictures(page, before + 24)  # a second of pictures, on the same page
+        assert page.evaluate("window.pistream.connects") == 1
+        assert page.locator("#status").is_hidden()
+    finally:
+        ctx.close()
 
 
 #: The camera service's stall timeout (4 s) has no option: the daemon of the
