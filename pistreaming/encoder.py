@@ -8,6 +8,7 @@ time a frame spent waiting for ffmpeg and inside ffmpeg is measured.
 
 import collections
 import fcntl
+import errno
 import os
 import struct
 import termios
@@ -302,11 +303,17 @@ class Encoder(service.Service):
         self._restart_call = None
         proto = FFmpegProtocol(self)
         try:
+            # Where Twisted forks (22.4), a missing executable would show only
+            # as a child exiting 1; asked first, it is said as what it is.
+            if os.path.isabs(self.command[0]) and not os.access(self.command[0], os.X_OK):
+                raise OSError(errno.ENOENT if not os.path.exists(self.command[0])
+                              else errno.EACCES, "")
             self.reactor.spawnProcess(proto, self.command[0], self.command, env=self.env)
         except Exception as e:
             # The executable gone or replaced (an upgrade), EMFILE, ENOMEM:
             # said, and tried again with the same back-off as a crash.
-            why = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+            why = (e.strerror or (os.strerror(e.errno) if e.errno else "") or str(e)) \
+                if isinstance(e, OSError) else str(e)
             why = f"cannot start {self.command[0]}: {why.lower() if why else type(e).__name__}"
             self.log.error("encoder: {why}; trying again in {delay}s", why=why,
                            delay=self._delay)

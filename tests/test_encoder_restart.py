@@ -39,10 +39,10 @@ def logged(events):
     return observer
 
 
-def make(errors):
+def make(errors, executable="/bin/sh"):
     clock = SpawningClock(errors)
     states = []
-    encoder = Encoder(["/usr/bin/ffmpeg-gone", "-i", "-"], lambda chunk: None, clock,
+    encoder = Encoder([executable, "-i", "-"], lambda chunk: None, clock,
                       on_state=lambda state, why: states.append((state, why)))
     return clock, encoder, states
 
@@ -58,7 +58,7 @@ def test_an_ffmpeg_that_cannot_be_started_is_retried_until_it_starts():
         encoder.startService()  # first try: fails at once, does not raise
         assert clock.attempts == 1 and encoder.process is None
         assert states == [("unavailable",
-                           "cannot start /usr/bin/ffmpeg-gone: no such file or directory")]
+                           "cannot start /bin/sh: no such file or directory")]
         # The back-off goes on (0.25 s doubling) until it starts.
         waits = []
         while not clock.spawned and len(waits) < 10:
@@ -67,11 +67,11 @@ def test_an_ffmpeg_that_cannot_be_started_is_retried_until_it_starts():
         assert waits == [0.25, 0.5, 1.0, 2.0]
         assert clock.attempts == 5 and encoder.restarts == 4
         assert [why for _, why in states] == [
-            "cannot start /usr/bin/ffmpeg-gone: no such file or directory",
-            "cannot start /usr/bin/ffmpeg-gone: too many open files",
-            "cannot start /usr/bin/ffmpeg-gone: no such file or directory"]
+            "cannot start /bin/sh: no such file or directory",
+            "cannot start /bin/sh: too many open files",
+            "cannot start /bin/sh: no such file or directory"]
         text = [e["log_format"].format(**e) for e in events if "log_format" in e]
-        assert any("cannot start /usr/bin/ffmpeg-gone: no such file or directory; trying again "
+        assert any("cannot start /bin/sh: no such file or directory; trying again "
                    "in 0.25s" in line for line in text), text
         # ffmpeg runs again; the state is "ok" once pictures come out.
         proto = clock.spawned[0]
@@ -105,3 +105,17 @@ def test_stopping_during_the_back_off_leaves_nothing_pending():
     assert clock.getDelayedCalls()
     encoder.stopService()
     assert not clock.getDelayedCalls()
+
+
+def test_a_missing_executable_is_said_as_such_before_any_spawn(tmp_path):
+    # Where Twisted forks (22.4), spawnProcess itself would not fail: the
+    # child would exit 1 after its exec failed.
+    gone = str(tmp_path / "ffmpeg")
+    clock, encoder, states = make([], executable=gone)
+    encoder.startService()
+    assert clock.attempts == 0
+    assert states == [("unavailable", f"cannot start {gone}: no such file or directory")]
+    (tmp_path / "ffmpeg").symlink_to("/bin/sh")
+    clock.advance(0.25)
+    assert clock.attempts == 1 and len(clock.spawned) == 1
+    encoder.stopService()
