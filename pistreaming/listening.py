@@ -33,6 +33,8 @@ from zope.interface import implementer
 FILE_LIMIT = 65536
 #: The least length of the queue of connections waiting to be accepted.
 LISTEN_BACKLOG = 511
+#: Seconds without a shortage before a port says it is accepting again.
+RECOVERED_AFTER = 2.0
 #: Seconds a port stops accepting when it could free no descriptor at all.
 PAUSE = 0.5
 #: Connections taken off the queue and closed per turn, at most.
@@ -71,6 +73,8 @@ class Port(tcp.Port):
     pause = PAUSE
     _spare = None
     _resuming = None
+    _recovering = None
+    _short_at = 0.0
     #: Whether accepting has been failing for want of descriptors.
     exhausted = False
     #: Connections closed unanswered since it has.
@@ -91,9 +95,10 @@ class Port(tcp.Port):
         if self._spare is not None:
             self._spare.close()
             self._spare = None
-        if self._resuming is not None and self._resuming.active():
-            self._resuming.cancel()
-        self._resuming = None
+        for call in (self._resuming, self._recovering):
+            if call is not None and call.active():
+                call.cancel()
+        self._resuming = self._recovering = None
         return super().connectionLost(reason)
 
     def doRead(self):
@@ -113,12 +118,11 @@ class Port(tcp.Port):
                             port=self._realPortNumber)
                 break
             accepted += 1
-            if self.exhausted:
-                log.info("accepting connections again on port {port} ({dropped} closed "
-                         "unanswered while out of file descriptors)",
-                         port=self._realPortNumber, dropped=self.dropped)
-                self.exhausted = False
-                self.dropped = 0
+            if self.exhausted and self._recovering is None:
+                # Said once the shortage has been over for a while, not at the
+                # first descriptor freed in the middle of it (a burst would
+                # otherwise log a line per batch).
+                self._recovering = self.reactor.callLater(RECOVERED_AFTER, self._recovered)
             try:
                 self._connect(skt, addr)
             except Exception:
@@ -159,6 +163,7 @@ class Port(tcp.Port):
                 closed += 1
             self._reserve()
         self.dropped += closed
+        self._short_at = self.reactor.seconds()
         if not self.exhausted:
             self.exhausted = True
             log.warn("out of file descriptors ({error}) on port {port}: new connections are "
@@ -169,6 +174,20 @@ class Port(tcp.Port):
             # rather than trying again at once, wait a moment.
             self.stopReading()
             self._resuming = self.reactor.callLater(self.pause, self._resume)
+
+    def _recovered(self):
+        self._recovering = None
+        if not self.exhausted:
+            return
+        quiet = self.reactor.seconds() - self._short_at
+        if quiet < RECOVERED_AFTER:  # short again meanwhile: look later
+            self._recovering = self.reactor.callLater(RECOVERED_AFTER - quiet, self._recovered)
+            return
+        log.info("accepting connections again on port {port} ({dropped} closed "
+                 "unanswered while out of file descriptors)",
+                 port=self._realPortNumber, dropped=self.dropped)
+        self.exhausted = False
+        self.dropped = 0
 
     def _resume(self):
         self._resuming = None
