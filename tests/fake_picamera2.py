@@ -137,6 +137,8 @@ class Rig:
         self.closed = 0
         self.configurations = []
         self.frames = 0
+        #: Captures asked for (capture_buffer, _array, _request), done or not.
+        self.captures_asked = 0
         self.picamera2 = types.ModuleType("picamera2")
         self.picamera2.Picamera2 = type("Picamera2", (Picamera2,), {"rig": self})
         self.libcamera = types.ModuleType("libcamera")
@@ -441,6 +443,7 @@ class Picamera2:
             request._buffer = None
 
     def capture_buffer(self, name="main", wait=None, signal_function=None):
+        self.rig.captures_asked += 1
         return self.dispatch_functions([self._make(name, "buffer")], wait, signal_function)
 
     def capture_array(self, name="main", wait=None, signal_function=None):

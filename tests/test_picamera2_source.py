@@ -222,10 +222,11 @@ def test_stop_is_prompt_even_when_the_camera_stops_delivering():
     out = Frames(stopping, 1000)
     thread = threading.Thread(target=source.run, args=(out, stopping))
     thread.start()
+    # The camera has given its 3 frames and the source waits on a 4th that
+    # never comes (asked for, while the camera is silent).
     deadline = time.monotonic() + 5
-    while len(out.frames) < 3 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.3)  # the camera is silent now
+    while not (len(out.frames) == 3 and rig.captures_asked >= 4) and time.monotonic() < deadline:
+        time.sleep(0.005)  # a thread's progress, polled (bounded)
     assert len(out.frames) == 3
     started = time.monotonic()
     stopping.set()
