@@ -10,10 +10,11 @@ What one client connection can do:
   idle timeout.  Too slow: ``408`` and the connection closes.
 - Between requests a keep-alive connection may stay idle IDLE_TIMEOUT
   seconds (the Site's timeout), counted from the end of the last answer.
-- A request body is refused unread (``413``), framing the daemon does not
-  accept (odd Content-Length or Transfer-Encoding forms, any of them on a
-  GET or HEAD, folded header lines, control characters) gets ``400``, and so does a request line or header line
-  over MAX_LINE bytes or headers over 16 KiB in all.
+- A request body is refused unread (``413``); framing the daemon does not
+  accept (odd Content-Length or Transfer-Encoding forms, folded header
+  lines, control characters) gets ``400`` (a plain ``Content-Length: 0``
+  is answered as if it were not there), and so does a request line or
+  header line over MAX_LINE bytes or headers over 16 KiB in all.
 - Pipelined requests are answered one by one, and the next one is not even
   parsed while the connection holds more unsent data than its transport's
   buffer (64 KiB for TCP): a client that sends requests and never reads
@@ -24,11 +25,19 @@ What one client connection can do:
   them work).
 - A connection that has not finished a request yet counts as *pending*
   (L{pistreaming.admission.PendingConnections}, the Site's C{pending}); one
-  over the caps is answered ``503`` and closed.
+  over its address's cap is answered ``429`` (``Retry-After: 1``) and
+  closed; with every slot taken, the longest-pending one is answered
+  ``408`` and closed to make room.
 
-Every answer the channel writes itself (400, 408, 413, 503) carries the same
-C{Server} and C{X-Content-Type-Options} headers as the Site's, and nothing the
-client sent.
+Every answer the channel writes itself (400, 408, 413, 429, 503) carries the
+same C{Server} and C{X-Content-Type-Options} headers as the Site's, and
+nothing the client sent.
+
+This needs more of twisted.web's HTTPChannel than its public interface
+gives (its unparsed buffer, whether a request is being answered, its bad
+request answer, its network producer): those attributes are the same from
+Twisted 22.4 to the newest, and tests/test_httpchannel.py fails on both
+pinned versions if any of them stops doing what these bounds rely on.
 """
 
 import weakref
