@@ -213,3 +213,50 @@ class StartStopTests(ServiceCase):
         assert len(done) == 1
         assert not self.reactor.getDelayedCalls()
         assert len(self.reactor.spawned) == 1  # not restarted
+
+
+class FileSource(Source):
+    """A source that ffmpeg reads itself (as a webcam or a video file)."""
+
+    name = "file"
+
+    def ffmpeg_input(self):
+        return ["-re", "-i", "/nonexistent/clip.mp4"], []
+
+
+class EncoderStateTests(ServiceCase):
+    """What the page hears when ffmpeg stops: for a source ffmpeg reads
+    itself, that the camera is unavailable and why; otherwise that the
+    encoder stopped.  Told to viewers that asked for status (the page)."""
+
+    def viewer(self, service):
+        client = Network(service.factory, self.reactor).connect(protocols=["pistream"])
+        return client
+
+    def end_ffmpeg(self, stderr):
+        from twisted.internet.error import ProcessTerminated
+        proto, _, _, transport = self.reactor.spawned[-1]
+        proto.errReceived(stderr)
+        transport.end(Failure(ProcessTerminated(exitCode=1)))
+
+    def test_a_webcam_that_fails_shows_as_the_camera_unavailable(self):
+        service = makeService(options(), reactor=self.reactor, source=FileSource(),
+                              player=b"//")
+        self.service = service
+        self.start()
+        assert service.camera is None
+        self.end_ffmpeg(b"/dev/video0: No such device\n")
+        assert service.fanout.status == {
+            "camera": "unavailable", "why": "ffmpeg exited with code 1: /dev/video0: No such device"}
+        figures = service.stats.gather()
+        assert figures["camera"]["state"] == "unavailable"
+        assert figures["encoder"]["state"] == "unavailable"
+
+    def test_an_encoder_that_fails_shows_as_the_encoder_stopped(self):
+        service = self.build()
+        self.start()
+        self.end_ffmpeg(b"Conversion failed!\n")
+        assert service.fanout.status == {
+            "encoder": "unavailable", "why": "ffmpeg exited with code 1: Conversion failed!"}
+        assert service.stats.gather()["encoder"]["why"] == \
+            "ffmpeg exited with code 1: Conversion failed!"
