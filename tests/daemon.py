@@ -46,6 +46,7 @@ class Daemon:
         ]
         self.start_timeout = start_timeout
         self.lines = []
+        self._read_all = False
         self._changed = threading.Condition()
         self.process = None
         self.http_port = None
@@ -101,6 +102,7 @@ class Daemon:
                 self.lines.append(raw.decode("utf-8", "replace").rstrip("\n"))
                 self._changed.notify_all()
         with self._changed:
+            self._read_all = True
             self._changed.notify_all()
 
     def output(self):
@@ -134,7 +136,9 @@ class Daemon:
                 self._changed.wait(min(remaining, 0.5))
 
     def _more_to_read(self):
-        return not self.process.stdout.closed and self.process.poll() is None
+        # Until the reader has met the end of the output: a daemon that has
+        # exited may still have lines in the pipe that are not read yet.
+        return not self._read_all
 
     def pids(self):
         """This daemon's process id and its children's (from /proc)."""
