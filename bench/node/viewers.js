@@ -2,7 +2,8 @@
 //
 //   node viewers.js URL COUNT
 //
-// Opens COUNT connections to URL (a few at a time), then obeys lines on
+// Opens COUNT connections to URL (a few at a time, each from its own
+// loopback address), then obeys lines on
 // standard input: "reset" starts counting afresh, "report" prints one JSON
 // line: per viewer the video bytes received since the reset, and the time
 // from starting to connect to its first video byte; "quit" ends it.
@@ -19,7 +20,11 @@ function open(index) {
   return new Promise((resolve) => {
     const viewer = { bytes: 0, total: 0, header: false, firstByteMs: null, closed: null };
     const started = process.hrtime.bigint();
-    const ws = new WebSocket(url, { perMessageDeflate: false });
+    // Each viewer from an address of its own (127.1.x.y: loopback on Linux),
+    // as an audience of many hosts comes: the daemon caps the connections
+    // one address may have half-open at once.
+    const localAddress = `127.1.${index >> 8}.${(index & 255) + 1}`;
+    const ws = new WebSocket(url, { perMessageDeflate: false, localAddress });
     ws.binaryType = 'nodebuffer';
     ws.on('message', (data, isBinary) => {
       if (!isBinary) return;
