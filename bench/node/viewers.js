@@ -23,7 +23,7 @@ function open(index) {
     // Each viewer from an address of its own (127.1.x.y: loopback on Linux),
     // as an audience of many hosts comes: the daemon caps the connections
     // one address may have half-open at once.
-    const localAddress = `127.1.${index >> 8}.${(index & 255) + 1}`;
+    const localAddress = `127.1.${Math.floor(index / 250)}.${(index % 250) + 1}`;
     const ws = new WebSocket(url, { perMessageDeflate: false, localAddress });
     ws.binaryType = 'nodebuffer';
     ws.on('message', (data, isBinary) => {
