@@ -372,6 +372,17 @@ def pipeline_attack(port, pid, sources, connections=10, requests=4000, path="/js
             "during": results}
 
 
+def read_some(sock):
+    """What a non-blocking C{sock} has to read: bytes, b"" once it is closed
+    (or reset), None if nothing is there yet."""
+    try:
+        return sock.recv(65536)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
+
+
 class Dribblers:
     """Many connections that each send C{first} and then (on L{tick}) one
     more byte at a time, never finishing a request.  Connections are
@@ -426,12 +437,9 @@ class Dribblers:
                     except OSError:
                         pass
                     continue
-                try:
-                    chunk = sock.recv(65536)
-                except (BlockingIOError, InterruptedError):
+                chunk = read_some(sock)
+                if chunk is None:
                     continue
-                except OSError:
-                    chunk = b""
                 if chunk:
                     conn["answer"] += chunk[:4096]
                 else:
@@ -526,12 +534,9 @@ def guess_flood(port, source, guesses=60, auth=None, user_source=None, user_auth
             for key, _ in selector.select(min(0.05, max(0, deadline - time.monotonic()))):
                 sock = key.fileobj
                 state = buffers[sock]
-                try:
-                    chunk = sock.recv(65536)
-                except (BlockingIOError, InterruptedError):
+                chunk = read_some(sock)
+                if chunk is None:
                     continue
-                except OSError:
-                    chunk = b""
                 if not chunk:
                     state[2] = True
                     selector.unregister(sock)
