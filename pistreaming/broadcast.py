@@ -46,6 +46,10 @@ MAX_INCOMING = 4096
 STATUS_PROTOCOL = "pistream"
 
 CLOSE_TRY_AGAIN_LATER = 1013
+#: Why a viewer on the stream's own port is closed in H.264 mode (at most
+#: 123 bytes, a close frame's limit).
+H264_ON_WS_PORT = (b"this daemon streams H.264 (--codec h264); the MPEG-1 jsmp stream "
+                   b"is off: open the page, or run it with --codec mpeg1")
 
 #: A viewer that sends more than this many frames of any kind (a browser
 #: sends a pong every autoPingInterval, 10 s) in FLOOD_WINDOW seconds is
@@ -164,6 +168,8 @@ class ReactorTimers:
 
 class ViewerProtocol(WebSocketServerProtocol):
     viewer = None
+    #: Whether the HTTP port accepted the connection (not the stream's own).
+    via_http_port = True
     wants_status = False
     #: True once the viewer went over a limit: what it sends is dropped.
     ignoring = False
@@ -187,8 +193,9 @@ class ViewerProtocol(WebSocketServerProtocol):
         self._heard = collections.deque()
         self._allowance = INCOMING_BURST
         self._allowance_at = now
+        self.via_http_port = came_through_http_port(self.transport, factory)
         pending = factory.pending
-        if pending is None or came_through_http_port(self.transport, factory):
+        if pending is None or self.via_http_port:
             return  # the HTTP port's channel counted it while it read the request
         key = address_key(address_of(self.transport.getPeer()))
         if pending.admit(key, self._evicted):
@@ -455,7 +462,8 @@ class StreamFactory(WebSocketServerFactory):
 
     def __init__(self, header, reactor, send_buffer=None, start_cache_limit=4 * 1024 * 1024,
                  backlog_limit=256 * 1024, stuck_timeout=10.0, authenticator=None,
-                 allow_origins=(), max_viewers=0, hosts=None, pending=None):
+                 allow_origins=(), max_viewers=0, hosts=None, pending=None,
+                 codec="mpeg1", on_newcomer=None):
         """
         C{header}, C{reactor}, C{send_buffer}, C{start_cache_limit},
         C{backlog_limit} and C{stuck_timeout} are the fan-out's
@@ -473,6 +481,11 @@ class StreamFactory(WebSocketServerFactory):
         @param pending: the L{pistreaming.admission.PendingConnections}
             that counts connections to the stream's own port until their
             request is in; None: not counted.
+        @param codec: "mpeg1" (the C{jsmp} stream, on both ports) or
+            "h264" (pictures, on the HTTP port: the stream's own port, kept
+            for clients of the original demo, which decode only MPEG-1,
+            closes with a reason that says so).
+        @param on_newcomer: the fan-out's (a viewer was added).
         """
         super().__init__(server=SERVER, reactor=reactor)
         # Autobahn's timers (handshake, close, pings) on this reactor.
@@ -493,9 +506,11 @@ class StreamFactory(WebSocketServerFactory):
             autoPingInterval=10,
             autoPingTimeout=10,
         )
+        self.codec = codec
         self.fanout = Fanout(header, reactor, send_buffer=send_buffer,
                              start_cache_limit=start_cache_limit,
-                             backlog_limit=backlog_limit, stuck_timeout=stuck_timeout)
+                             backlog_limit=backlog_limit, stuck_timeout=stuck_timeout,
+                             join_start=codec == "mpeg1", on_newcomer=on_newcomer)
         self.authenticator = authenticator
         self.allow_origins = tuple(allow_origins)
         self.max_viewers = max_viewers
@@ -535,6 +550,13 @@ class StreamFactory(WebSocketServerFactory):
     def add_viewer(self, protocol):
         """C{protocol}'s WebSocket opened: hand it to the fan-out, unless
         C{max_viewers} are watching already (then it is closed, 1013)."""
+        if self.codec == "h264" and not protocol.via_http_port:
+            # Clients of the original demo (JSMpeg) decode only MPEG-1.
+            log.info("viewer {peer} on the stream's own port turned away: the stream "
+                     "is H.264", peer=protocol.peer)
+            self.turned_away += 1
+            protocol.sendCloseFrame(code=CLOSE_POLICY, reasonUtf8=H264_ON_WS_PORT)
+            return
         viewers = len(self.fanout.viewers)
         if self.max_viewers and viewers >= self.max_viewers:
             log.warn("viewer {peer} turned away: {viewers} watching, {most} at most",

@@ -78,6 +78,10 @@ class StartCache:
         self.chunks = []
         self.size = 0
 
+    def reset(self):
+        self.chunks = []
+        self.size = 0
+
     def add(self, chunk, message):
         if chunk.keyframe:
             self.chunks = []
@@ -158,6 +162,19 @@ class Viewer:
     def stopProducing(self):
         self.queue.clear()
         self.queued = 0
+        self._refresh()
+
+    def send_header(self, message, restart):
+        """The stream's header (a prepared message), ahead of anything queued.
+
+        @param restart: whether the viewer then waits for a picture its
+            decoder can start at (what is queued is dropped): with a new
+            header, older pictures are of no use."""
+        if restart:
+            self.queue.clear()
+            self.queued = 0
+            self.skipping = True
+        self.transport.write(message.payloadHybi)
         self._refresh()
 
     def offer(self, chunk, message):
@@ -250,10 +267,12 @@ class Fanout:
     """The open viewers, and the stream sent to each of them."""
 
     def __init__(self, header, reactor, send_buffer=None, start_cache_limit=4 * 1024 * 1024,
-                 backlog_limit=256 * 1024, stuck_timeout=10.0):
+                 backlog_limit=256 * 1024, stuck_timeout=10.0, join_start=True,
+                 on_newcomer=None):
         """
         @param header: the first message each viewer gets (for MPEG-1,
-            C{b'jsmp'} + size).
+            C{b'jsmp'} + size, binary), or None while there is none yet
+            (H.264 before the camera's first SPS/PPS: L{set_header}).
         @param reactor: the clock (C{seconds}) of connection times and stalls.
         @param send_buffer: the kernel send buffer (SO_SNDBUF) for viewer
             sockets, so that a slow viewer's backlog shows here instead of
@@ -263,8 +282,16 @@ class Fanout:
             skips ahead.
         @param stuck_timeout: seconds a viewer may take nothing before it is
             closed (L{close_stuck}).
+        @param join_start: whether a newcomer gets the chunks after the
+            starting point as one message (a byte stream such as MPEG-TS),
+            or each as it was framed (H.264: one message per picture).
+        @param on_newcomer: called with no arguments when a viewer is added
+            (the camera may then be asked for a keyframe).
         """
-        self.header = header
+        self.header = None
+        self.header_message = None
+        self.join_start = join_start
+        self.on_newcomer = on_newcomer
         self.reactor = reactor
         self.send_buffer = send_buffer
         self.backlog_limit = backlog_limit
@@ -277,6 +304,8 @@ class Fanout:
         self.bytes_in = 0
         self.skips = 0
         self.viewers_total = 0
+        if header is not None:
+            self.set_header(header)
 
     # viewers
     def add(self, protocol, status=False):
@@ -305,15 +334,23 @@ class Fanout:
         protocol.viewer = viewer
         self.viewers[protocol] = viewer
         self.viewers_total += 1
-        protocol.sendMessage(self.header, isBinary=True)
-        if self.start_cache.chunks:
+        if self.header_message is not None:
+            # A byte stream (MPEG-TS) goes out from the next chunk on, as
+            # its decoder finds its own starting point; a stream of
+            # pictures (H.264) from a picture its decoder can start at.
+            viewer.send_header(self.header_message, restart=not self.join_start)
+        if self.start_cache.chunks and self.header_message is not None:
             # What a decoder needs to start: first the starting point itself
             # (as it was framed for everyone), which the page can decode and
-            # show the moment it arrives, without waiting for the rest; then,
-            # in one message, every chunk since, which brings the page to live.
+            # show the moment it arrives, without waiting for the rest; then
+            # every chunk since (in one message where the stream is a byte
+            # stream), which brings the page to live.
             (first, first_message), *since = self.start_cache.chunks
             viewer.offer(first, first_message)
-            if since:
+            if since and not self.join_start:
+                for chunk, message in since:
+                    viewer.offer(chunk, message)
+            elif since:
                 rest = Chunk(b"".join(chunk.data for chunk, _ in since),
                              picture=since[0][0].picture, keyframe=False, pts=since[0][0].pts)
                 viewer.offer(rest, prepare(rest.data))
@@ -322,7 +359,28 @@ class Fanout:
         log.info("viewer {peer} connected; {viewers} watching",
                  peer=protocol.peer, viewers=len(self.viewers))
         self._tell_viewers({"viewers": len(self.viewers)})
+        if self.on_newcomer is not None:
+            self.on_newcomer()
         return viewer
+
+    def set_header(self, header, binary=True):
+        """What each viewer gets first: sent now to every open viewer (the
+        stream's configuration changed, or is known at last), and to each
+        newcomer before anything else.
+
+        Where the header changes, what a decoder needed to start with the
+        old one is of no use with the new one: newcomers wait for the next
+        starting point."""
+        if header == self.header:
+            return
+        had_one = self.header is not None
+        self.header = header
+        self.header_message = prepare(header, binary)
+        if had_one:
+            self.start_cache.reset()
+        for protocol, viewer in self.viewers.items():
+            if protocol.state == WebSocketProtocol.STATE_OPEN:
+                viewer.send_header(self.header_message, restart=True)
 
     def _set_send_buffer(self, transport):
         try:

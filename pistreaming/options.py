@@ -31,6 +31,9 @@ MPEG1_FRAME_RATES = {
 #: Cameras by name; a USB webcam is "v4l2:/dev/videoN", a video file "file:PATH".
 CAMERAS = ("auto", "picamera2", "picamera", "test")
 CAMERA_FORMS = CAMERAS + ("v4l2:DEVICE", "file:PATH")
+#: What the stream to viewers is: H.264 (from the camera's own encoder where
+#: it has one, else libx264 in the ffmpeg child) or MPEG-1 (ffmpeg, JSMpeg).
+CODECS = ("mpeg1", "h264")
 ROTATIONS = ("0", "180")
 
 MIN_SIDE, MAX_SIDE = 32, 4095  # MPEG-1 allows at most 4095 pixels a side
@@ -52,6 +55,10 @@ class Config:
     height: int = 480
     framerate: Fraction = Fraction(24)
     bitrate: int = 800_000
+    #: "mpeg1" or "h264" (CODECS).
+    codec: str = "mpeg1"
+    #: Seconds between pictures a decoder can start at (H.264 IDR pictures).
+    keyframe_interval: float = 2.0
     vflip: bool = False
     hflip: bool = False
     camera: str = "auto"
@@ -152,6 +159,16 @@ def parse_backlog(text):
     if not MIN_BACKLOG <= size <= MAX_BACKLOG:
         raise usage.UsageError(f"--backlog: {text} is outside 16k..64M bytes")
     return ("bytes", size)
+
+
+def parse_codec(text):
+    codec = text.strip().lower().replace("-", "").replace(".", "")
+    codec = {"avc": "h264", "mpeg1video": "mpeg1"}.get(codec, codec)
+    if codec not in CODECS:
+        raise usage.UsageError(
+            f"--codec: {text!r} is not a codec this daemon streams; use one of "
+            + ", ".join(CODECS))
+    return codec
 
 
 def parse_seconds(option, text, low, high):
@@ -418,6 +435,12 @@ class Options(usage.Options):
         ["framerate", "f", _as_text(Config.framerate),
          "Frames per second: " + ", ".join(MPEG1_FRAME_RATES) + "."],
         ["bitrate", "b", _bitrate_text(Config.bitrate), "Video bit rate, e.g. 800k or 2M."],
+        ["codec", None, Config.codec,
+         "The stream's video: mpeg1 (played by JSMpeg in any browser) or h264 (the "
+         "camera's own encoder, no re-encode; decoded by the browser's WebCodecs on "
+         "https and http://localhost)."],
+        ["keyframe-interval", None, _as_text(Config.keyframe_interval),
+         "Seconds between H.264 keyframes (where a new viewer's decoder starts)."],
         ["camera", "c", Config.camera,
          "Frame source: auto (picamera2, else picamera, else test), picamera2, "
          "picamera, test, v4l2:/dev/videoN (a USB webcam), file:PATH (a video file, looped)."],
@@ -460,7 +483,8 @@ class Options(usage.Options):
 
     compData = usage.Completions(
         optActions={"camera": usage.CompleteList(CAMERAS),
-                    "rotation": usage.CompleteList(ROTATIONS)}
+                    "rotation": usage.CompleteList(ROTATIONS),
+                    "codec": usage.CompleteList(CODECS)}
     )
 
     def postOptions(self):
@@ -477,6 +501,9 @@ class Options(usage.Options):
             height=height,
             framerate=parse_framerate(self["framerate"]),
             bitrate=parse_bitrate(self["bitrate"]),
+            codec=parse_codec(self["codec"]),
+            keyframe_interval=parse_seconds(
+                "keyframe-interval", self["keyframe-interval"], 0.1, 60),
             vflip=vflip,
             hflip=hflip,
             camera=camera,
