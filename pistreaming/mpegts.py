@@ -14,6 +14,10 @@ know where each picture starts, and which pictures a decoder can start at
 such that every picture's first packet (with the tables just before it)
 begins a chunk.  It never holds back video: a chunk is handed on as soon as
 its bytes are here, so cutting adds no delay.
+
+For H.264 the daemon does not pass MPEG-TS on: :class:`PESAssembler` takes
+the video PES packets apart and hands on each one's payload, which, out of
+ffmpeg's MPEG-TS muxer, is one access unit (one picture) in Annex B.
 """
 
 from dataclasses import dataclass
@@ -174,3 +178,136 @@ class PictureSplitter:
     def held(self):
         """The bytes held back for now (for tests)."""
         return b"".join(self._current)
+
+
+#: PTS values are 33 bits: they wrap after 2**33 / 90 kHz, about 26.5 hours.
+PTS_WRAP = 1 << 33
+
+
+class PESAssembler:
+    """Whole video PES payloads out of whole TS packets.
+
+    ffmpeg's MPEG-TS muxer puts one access unit of H.264 (one picture, with
+    an access unit delimiter in front if the encoder wrote none) in each PES
+    packet of the video stream, and starts each PES packet in a TS packet of
+    its own.  A payload is handed on the moment it is complete:
+
+    - when the PES header gives the packet's length (ffmpeg writes it when it
+      fits in 16 bits, with ``-omit_video_pes_length 0``), as soon as its
+      last byte is here;
+    - when the header leaves it open (a payload over 65535 bytes: a big IDR
+      picture), when the next PES packet of the video begins (or at
+      L{flush}), since nothing else says where it ends.
+
+    The video is the first PID that begins a PES packet with a video stream
+    id (0xE0-0xEF); everything else (PAT, PMT, SDT, other streams) is skipped.
+    """
+
+    def __init__(self):
+        self.video_pid = None
+        self._parts = []     # PES bytes of the packet being gathered
+        self._size = 0
+        self._total = None   # its whole length (header included), if known yet
+        self._open = False   # whether its header leaves the length open
+        self._last_pts = None  # the last raw 90 kHz PTS, to unwrap
+        self._pts_base = 0
+        #: PES packets dropped because they did not make sense or were cut
+        #: short (a new one began before the stated length was reached).
+        self.dropped = 0
+        #: Payloads handed on whose length was open (complete only when the
+        #: next began: they waited a frame interval).
+        self.open_length = 0
+
+    def feed(self, packets):
+        """Take whole TS packets (a multiple of 188 bytes); return the
+        payloads they complete, in order, as (payload bytes, pts in seconds
+        or None)."""
+        out = []
+        for i in range(0, len(packets), PACKET):
+            packet = packets[i:i + PACKET]
+            if packet[0] != SYNC:
+                continue
+            pid = _pid(packet)
+            start = packet[1] & 0x40
+            if pid != self.video_pid:
+                if self.video_pid is not None or not start or _video_pes(packet) is None:
+                    continue
+                self.video_pid = pid
+            offset = _payload_offset(packet)
+            if offset is None:
+                continue
+            if start:
+                if self._parts:
+                    if self._open:
+                        self._finish(out)
+                    else:
+                        self.dropped += 1  # shorter than its header said
+                        self._reset()
+            elif not self._parts:
+                continue  # the rest of a packet whose start was not seen
+            self._parts.append(packet[offset:])
+            self._size += PACKET - offset
+            if self._total is None and not self._open and self._size >= 6:
+                head = b"".join(self._parts)[:6]
+                if head[:3] != b"\x00\x00\x01" or not 0xE0 <= head[3] <= 0xEF:
+                    self.dropped += 1
+                    self._reset()
+                    continue
+                length = (head[4] << 8) | head[5]
+                if length:
+                    self._total = 6 + length
+                else:
+                    self._open = True
+            if self._total is not None and self._size >= self._total:
+                self._finish(out)
+        return out
+
+    def flush(self):
+        """The payload being gathered, if its length was open (the end of the
+        stream ends it), as a list like L{feed}'s; forget any other."""
+        out = []
+        if self._parts and self._open:
+            self._finish(out)
+        elif self._parts:
+            self.dropped += 1
+            self._reset()
+        return out
+
+    def pending(self):
+        """Bytes gathered of a PES packet not complete yet (for tests)."""
+        return self._size
+
+    def _reset(self):
+        self._parts, self._size = [], 0
+        self._total, self._open = None, False
+
+    def _finish(self, out):
+        pes = b"".join(self._parts)
+        was_open = self._open
+        if self._total is not None:
+            pes = pes[:self._total]
+        self._reset()
+        if len(pes) < 9:
+            self.dropped += 1
+            return
+        flags, header_length = pes[7], pes[8]
+        if len(pes) < 9 + header_length:
+            self.dropped += 1
+            return
+        pts = None
+        if flags & 0x80 and header_length >= 5:
+            pts = self._unwrap(_read_pts(pes[9:14])) / PTS_CLOCK
+        if was_open:
+            self.open_length += 1
+        out.append((pes[9 + header_length:], pts))
+
+    def _unwrap(self, raw):
+        """A PTS that keeps counting past the 33-bit wrap."""
+        last = self._last_pts
+        if last is not None:
+            if raw < last - PTS_WRAP // 2:
+                self._pts_base += PTS_WRAP
+            elif raw > last + PTS_WRAP // 2 and self._pts_base:
+                self._pts_base -= PTS_WRAP  # a late picture from before the wrap
+        self._last_pts = raw
+        return self._pts_base + raw
