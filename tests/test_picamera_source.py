@@ -9,7 +9,7 @@ daemon and real ffmpeg.
 import os
 import subprocess
 import pytest
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from pistreaming.camera import CameraUnavailable, choose_source
@@ -21,7 +21,7 @@ from pistreaming.frames import FrameGeometry
 from pistreaming.options import Config
 from tests.daemon import Daemon
 from tests.fakes import picamera as fake
-from tests.helpers import wait_until, with_timeout
+from tests.helpers import Arrivals, Events, from_threads_taken, with_timeout
 
 FAKES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakes")
 
@@ -69,17 +69,24 @@ class ChoosingTests(unittest.TestCase):
 
 
 class CaptureTests(unittest.TestCase):
+    """The camera's threads are real (picamera's encoder thread and the
+    service's capture thread); each wait resumes when the frame or the
+    camera state it waits for reaches the reactor, bounded."""
+
     timeout = 30
 
     def setUp(self):
         fake.hardware.reset()
-        self.frames = []
+        events = Events()
+        self.frames = Arrivals(events)
+        self.states = Arrivals(events)  # the camera's states, as viewers are told
 
     def start(self, width=640, height=480, rate=30, vflip=False, hflip=False):
         source = PiCameraSource(fake, Picture(width, height, rate, vflip=vflip, hflip=hflip))
         geometry = FrameGeometry(width, height)
         service = CameraService(source, geometry.frame_size,
-                                lambda frame, captured_at: self.frames.append(frame), reactor)
+                                lambda frame, captured_at: self.frames.append(frame), reactor,
+                                on_state=lambda state, why: self.states.append(state))
         service.retry_delays = (0.05,)
         service.startService()
         self.addCleanup(lambda: service.running and service.stopService())
@@ -88,7 +95,7 @@ class CaptureTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_padded_frames_arrive_whole_with_the_asked_size_rate_and_flips(self):
         service, geometry = self.start(1296, 730, 30, vflip=True, hflip=True)
-        yield wait_until(lambda: len(self.frames) >= 5, 10, what="five frames")
+        yield self.frames.until(lambda: len(self.frames) >= 5, 10, "five frames")
         (recording,) = fake.hardware.recordings
         assert recording == {"resolution": (1296, 730), "framerate": 30,
                              "vflip": True, "hflip": True, "format": "yuv"}
@@ -102,20 +109,24 @@ class CaptureTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_stop_releases_the_camera_promptly(self):
         service, _ = self.start()
-        yield wait_until(lambda: self.frames, 10, what="a frame")
+        yield self.frames.until(lambda: self.frames, 10, "a frame")
         camera = fake.hardware.open_camera
+        encoder_thread = camera._recording.thread  # picamera's, which calls write
         started = reactor.seconds()
         yield with_timeout(service.stopService(), 3, "camera stop")
         assert reactor.seconds() - started < 1
         assert camera.closed and not camera.recording
+        assert not encoder_thread.is_alive()
         count = len(self.frames)
-        yield task.deferLater(reactor, 0.2, lambda: None)
-        assert len(self.frames) == count  # nothing after the stop
+        # Whatever the camera's threads handed over before they ended has
+        # been taken by now: nothing comes after the stop.
+        yield from_threads_taken()
+        assert len(self.frames) == count
 
     @defer.inlineCallbacks
     def test_an_error_in_the_recording_is_retried_with_the_camera_reopened(self):
         service, geometry = self.start()
-        yield wait_until(lambda: self.frames, 10, what="a frame")
+        yield self.frames.until(lambda: self.frames, 10, "a frame")
         # The output raises inside picamera's thread; picamera hands the error
         # back from wait_recording, the source closes the camera, and the
         # service opens it again after a pause.
@@ -129,18 +140,20 @@ class CaptureTests(unittest.TestCase):
             return original(buf)
 
         service.output.write = failing
-        yield wait_until(lambda: fake.hardware.opened == 2
-                         and len(fake.hardware.recordings) == 2, 10, what="a retry")
+        yield self.states.until(lambda: self.states == ["ok", "unavailable", "ok"], 10,
+                                "the camera given up, then delivering again")
+        assert fake.hardware.opened == 2 and len(fake.hardware.recordings) == 2
         before = len(self.frames)
-        yield wait_until(lambda: len(self.frames) > before + 3, 10, what="frames again")
+        yield self.frames.until(lambda: len(self.frames) > before + 3, 10, "frames again")
         assert len(self.flushLoggedErrors(OSError)) == 1
 
     @defer.inlineCallbacks
     def test_a_short_write_is_an_error_as_in_picamera(self):
         service, _ = self.start()
-        yield wait_until(lambda: self.frames, 10, what="a frame")
+        yield self.frames.until(lambda: self.frames, 10, "a frame")
         service.output.write = lambda buf: 10
-        yield wait_until(lambda: service.failures >= 1, 10, what="the failure")
+        yield self.states.until(lambda: "unavailable" in self.states, 10, "the failure")
+        assert service.failures >= 1
         errors = self.flushLoggedErrors(fake.PiCameraIOError)
         assert errors and all("Failed to write" in str(e.value) for e in errors)
 
