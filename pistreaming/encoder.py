@@ -1,9 +1,13 @@
-"""The encoder: an ffmpeg child process, raw YUV420 in, MPEG-1 in MPEG-TS out.
+"""The encoder: an ffmpeg child process, raw YUV420 in (or a device or a
+file that ffmpeg reads itself), MPEG-1 or H.264 in MPEG-TS out.
 
-Its output is read as it arrives, cut into chunks that begin where pictures
-begin (pistreaming.mpegts), and handed to the sink.  Each picture that comes
-out is matched, by its timestamp, with the frame that went in, so that the
-time a frame spent waiting for ffmpeg and inside ffmpeg is measured.
+Its output is read as it arrives.  MPEG-1 is cut into chunks of MPEG-TS
+that begin where pictures begin (pistreaming.mpegts) and handed to the sink
+as such.  H.264 is taken out of MPEG-TS: each access unit (one picture, in
+Annex B) is handed to the sink the moment its PES packet is complete, with
+the time its frame was captured.  Each picture that comes out is matched,
+by its timestamp, with the frame that went in, so that the time a frame
+spent waiting for ffmpeg and inside ffmpeg is measured.
 """
 
 import collections
@@ -22,7 +26,19 @@ from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
 from pistreaming.camera.picture import rate_text
-from pistreaming.mpegts import PictureSplitter, TSPacketizer
+from pistreaming.mpegts import PESAssembler, PictureSplitter, TSPacketizer
+
+#: The codecs the encoder makes (or passes on): C{--codec}.
+CODECS = ("mpeg1", "h264")
+#: How H.264 is made: x264 in ffmpeg, the V4L2 memory-to-memory hardware
+#: encoder (a Raspberry Pi's, through ffmpeg), or not at all (a webcam's own
+#: H.264, copied).
+H264_ENCODERS = ("libx264", "h264_v4l2m2m", "copy")
+#: The most bits x264's rate control may hold in its buffer (VBV): so no
+#: picture outgrows 64 KB, and each fits a PES packet whose header states its
+#: length (pistreaming.mpegts.PESAssembler: a picture of open length is known
+#: to be complete only when the next begins, a frame interval later).
+H264_MAX_VBV = 500_000
 
 
 
@@ -43,10 +59,55 @@ def raw_input(geometry, framerate):
     ]
 
 
-def output_args(framerate, bitrate):
+def keyframe_distance(framerate, keyframe_interval):
+    """Frames from one H.264 keyframe (IDR) to the next."""
+    return max(1, round(Fraction(framerate) * Fraction(keyframe_interval).limit_denominator(1000)))
+
+
+def h264_args(framerate, bitrate, keyframe_interval, encoder="libx264"):
+    """ffmpeg's video codec arguments for H.264 that every browser decodes
+    at once: constrained baseline (no B-frames, so no picture waits for a
+    later one), a keyframe (IDR, with SPS and PPS before it) every
+    C{keyframe_interval} seconds and no others."""
+    if encoder not in H264_ENCODERS:
+        raise ValueError(f"not an H.264 encoder: {encoder!r}")
+    if encoder == "copy":
+        # A webcam's own H.264, as it comes: its keyframes, its bit rate.
+        return ["-c:v", "copy"]
+    gop = keyframe_distance(framerate, keyframe_interval)
+    if encoder == "h264_v4l2m2m":
+        # The hardware encoder: ffmpeg sets its bit rate, GOP size and
+        # profile (578: ffmpeg's number for constrained baseline; the
+        # encoder has no name for it) through V4L2 controls.
+        return ["-c:v", "h264_v4l2m2m", "-pix_fmt", "yuv420p",
+                "-b:v", str(bitrate), "-g", str(gop), "-bf", "0", "-profile:v", "578"]
+    return [
+        # x264 at its fastest, and with zerolatency: no lookahead, no
+        # B-frames, each picture out before the next frame goes in (several
+        # slices of one picture, coded on several threads).
+        "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
+        "-profile:v", "baseline", "-pix_fmt", "yuv420p",
+        # the bit rate asked for, with a buffer of at most half a second
+        # (and H264_MAX_VBV), so a keyframe does not balloon
+        "-b:v", str(bitrate), "-maxrate", str(bitrate),
+        "-bufsize", str(min(bitrate // 2, H264_MAX_VBV)),
+        # keyframes every GOP frames exactly: none at scene cuts
+        "-g", str(gop), "-keyint_min", str(gop), "-sc_threshold", "0",
+        # SPS and PPS before every keyframe, where a decoder can start
+        "-x264-params", "repeat-headers=1",
+    ]
+
+
+def output_args(framerate, bitrate, codec="mpeg1", keyframe_interval=2.0,
+                h264_encoder="libx264"):
     """Everything after the filters: the encoder and the muxer (the one place
     for the output flags, whatever the input)."""
+    if codec not in CODECS:
+        raise ValueError(f"not a codec the encoder makes: {codec!r}")
     framerate = Fraction(framerate)
+    if codec == "h264":
+        command = h264_args(framerate, bitrate, keyframe_interval, h264_encoder)
+        return command + _mpegts_args()
     # One intra picture a second: a new viewer's first picture is never far.
     gop = max(1, round(framerate))
     command = [
@@ -58,7 +119,11 @@ def output_args(framerate, bitrate):
         "-c:v", "mpeg1video", "-b:v", str(bitrate), "-bf", "0", "-g", str(gop),
         "-flags", "low_delay", "-strict", "unofficial",
     ]
-    command += [
+    return command + _mpegts_args()
+
+
+def _mpegts_args():
+    return [
         # MPEG-TS out, each packet flushed at once, with the length of each
         # picture's PES packet written in its header, so that a demuxer knows
         # the picture is complete without waiting for the next one
@@ -66,26 +131,36 @@ def output_args(framerate, bitrate):
         "-omit_video_pes_length", "0",
         "pipe:1",
     ]
-    return command
 
 
-def ffmpeg_command(ffmpeg, geometry, framerate, bitrate, video_input=None, filters=()):
+def ffmpeg_command(ffmpeg, geometry, framerate, bitrate, video_input=None, filters=(),
+                   codec="mpeg1", keyframe_interval=2.0, h264_encoder=None):
     """The ffmpeg argument list (argv[0] included) for the stream.
 
     @param video_input: (input arguments, filters) for a source that ffmpeg
         reads itself (a device, a file); by default raw frames on stdin
-        (L{raw_input}).
+        (L{raw_input}).  It may say how H.264 is made of it, in an
+        attribute C{h264_encoder} (a webcam's own H.264: C{"copy"}).
     @param filters: more video filters, applied last (e.g. an annotation).
+    @param codec: C{"mpeg1"} or C{"h264"}.
+    @param keyframe_interval: seconds from one H.264 keyframe to the next.
+    @param h264_encoder: one of L{H264_ENCODERS}, if not the input's own
+        (by default libx264); C{"copy"} only for a source that gives H.264
+        itself, and then without filters.
     """
+    if h264_encoder is None:
+        h264_encoder = getattr(video_input, "h264_encoder", None) or "libx264"
     if video_input is None:
         video_input = raw_input(geometry, framerate)
     input_args, input_filters = video_input
-    return [
-        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error",
-        *input_args,
-        "-vf", ",".join([*input_filters, *filters]),
-        *output_args(framerate, bitrate),
-    ]
+    chain = [*input_filters, *filters]
+    command = [ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error", *input_args]
+    if codec == "h264" and h264_encoder == "copy":
+        if chain:
+            raise ValueError(f"H.264 copied as it comes cannot be filtered ({','.join(chain)})")
+    else:
+        command += ["-vf", ",".join(chain)]
+    return command + output_args(framerate, bitrate, codec, keyframe_interval, h264_encoder)
 
 
 #: fcntl's F_SETPIPE_SZ (Linux; Python's fcntl names it from 3.10 on).
@@ -127,7 +202,12 @@ class FFmpegProtocol(protocol.ProcessProtocol):
     def __init__(self, encoder):
         self.encoder = encoder
         self.packetizer = TSPacketizer()
-        self.splitter = PictureSplitter()
+        # MPEG-1: MPEG-TS cut where pictures begin; H.264: access units.
+        self.splitter = self.assembler = None
+        if encoder.codec == "h264":
+            self.assembler = PESAssembler()
+        else:
+            self.splitter = PictureSplitter()
         #: (frame number in this run, captured at, written at) of frames in ffmpeg
         self.in_flight = collections.deque()
         self.frames_written = 0
@@ -153,6 +233,10 @@ class FFmpegProtocol(protocol.ProcessProtocol):
     def outReceived(self, data):
         packets = self.packetizer.feed(data)
         if packets:
+            if self.assembler is not None:
+                for access_unit, pts in self.assembler.feed(packets):
+                    self.encoder._access_unit(self, access_unit, pts)
+                return
             for chunk in self.splitter.feed(packets):
                 self.encoder._encoded(self, chunk)
 
@@ -161,6 +245,16 @@ class FFmpegProtocol(protocol.ProcessProtocol):
 
     def processEnded(self, reason):
         self.writable = False
+        if self.assembler is not None:
+            # A last picture of open length ends with the stream, if ffmpeg
+            # ended it (exit 0); a crash may have cut it short.
+            if reason.check(error.ProcessDone):
+                for access_unit, pts in self.assembler.flush():
+                    self.encoder._access_unit(self, access_unit, pts)
+            else:
+                self.assembler.discard()
+            self.encoder.pes_dropped += self.assembler.dropped
+            self.encoder.pes_open_length += self.assembler.open_length
         self.encoder._process_ended(self, reason)
 
     # IPushProducer, for stdin
@@ -228,9 +322,17 @@ class Encoder(service.Service):
     kill_after = 1.4
 
     def __init__(self, command, sink, reactor, framerate=24, env=None, timings=None,
-                 reads_stdin=True, frame_size=None, on_state=None):
+                 reads_stdin=True, frame_size=None, on_state=None, codec="mpeg1"):
         """
-        @param sink: called with each L{pistreaming.mpegts.Chunk} of output.
+        @param sink: with C{codec="mpeg1"}, called with each
+            L{pistreaming.mpegts.Chunk} of output; with C{codec="h264"},
+            called with C{(access_unit, capture_time)} for each picture: its
+            bytes in Annex B (as ffmpeg's MPEG-TS muxer gives them: an access
+            unit delimiter first, SPS and PPS before each IDR), and when its
+            frame was captured, in seconds since the epoch (for frames fed
+            to L{feed}: the time they were fed with; None if ffmpeg's output
+            cannot be matched to one), or, for a source that ffmpeg reads
+            itself, when the access unit came out of ffmpeg.
         @param framerate: the input's frame rate (to match pictures to frames).
         @param timings: called with (captured at, written at, out at) for each
             picture whose frame is known.
@@ -241,7 +343,12 @@ class Encoder(service.Service):
         @param on_state: called with (state, why) when pictures come out
             (again) (C{"ok"}, None) and when ffmpeg stops or cannot be
             started (C{"unavailable"}, the reason), so viewers can be told.
+        @param codec: what C{command} makes, C{"mpeg1"} or C{"h264"}
+            (L{ffmpeg_command}'s C{codec}); it says what the sink is given.
         """
+        if codec not in CODECS:
+            raise ValueError(f"not a codec the encoder makes: {codec!r}")
+        self.codec = codec
         self.command = list(command)
         self.sink = sink
         self.reactor = reactor
@@ -262,6 +369,12 @@ class Encoder(service.Service):
         self.bytes_in = 0
         self.bytes_out = 0
         self.pictures_out = 0
+        #: H.264: PES packets that did not make sense or were cut short (so
+        #: their pictures were never handed on), and pictures whose PES
+        #: length was open (handed on when the next began).  Summed over
+        #: ffmpeg runs that have ended.
+        self.pes_dropped = 0
+        self.pes_open_length = 0
         self._delay = self.first_restart_delay
         self._restart_call = None
         self._stopping = False
@@ -291,6 +404,23 @@ class Encoder(service.Service):
                 if frame is not None:
                     self.timings(frame[0], frame[1], self.reactor.seconds())
         self.sink(chunk)
+
+    def _access_unit(self, proto, access_unit, pts):
+        if self.state != "ok":  # pictures again: the encoder works
+            self._set_state("ok")
+        self.bytes_out += len(access_unit)
+        self.pictures_out += 1
+        now = self.reactor.seconds()
+        if not self.reads_stdin:
+            captured_at = now  # ffmpeg read the frame itself: this is what is known
+        else:
+            captured_at = None
+            frame = proto.frame_for(pts, self.framerate)
+            if frame is not None:
+                captured_at = frame[0]
+                if self.timings is not None:
+                    self.timings(frame[0], frame[1], now)
+        self.sink(access_unit, captured_at)
 
     # lifecycle
     def startService(self):

@@ -273,6 +273,13 @@ class PESAssembler:
             self._reset()
         return out
 
+    def discard(self):
+        """Forget the PES packet being gathered, if any (the stream was cut:
+        its end is not known to be its end); it counts as dropped."""
+        if self._parts:
+            self.dropped += 1
+            self._reset()
+
     def pending(self):
         """Bytes gathered of a PES packet not complete yet (for tests)."""
         return self._size

@@ -89,6 +89,9 @@ class FileSource:
     """A video file, looped, that ffmpeg reads itself."""
 
     name = "file"
+    #: With --codec h264, ffmpeg encodes the file's frames with x264 (in its
+    #: own process: the daemon never encodes).
+    h264_encoder = "libx264"
 
     def __init__(self, path, info, picture):
         """
@@ -109,8 +112,13 @@ class FileSource:
             text += " (frames repeated or dropped to fit; --framerate sets the rate)"
         return text
 
-    def ffmpeg_input(self):
-        """(ffmpeg input arguments, filters) that play the file in a loop."""
+    def ffmpeg_input(self, codec=None):
+        """(ffmpeg input arguments, filters) that play the file in a loop.
+
+        The same whatever the codec (C{codec}, "mpeg1" or "h264", is taken
+        for the sake of sources whose input depends on it): the file's
+        frames are decoded, fitted and re-timed, then encoded
+        (L{h264_encoder} for H.264)."""
         p = self.picture
         w, h = p.width, p.height
         args = ["-re", "-stream_loop", "-1", "-i", self.path, "-map", "0:V:0"]
