@@ -87,7 +87,7 @@ def nal_spans(data):
     (trailing_zero_8bits, or the first byte of a 4-byte start code).  Bytes
     before the first start code are not a NAL unit and are not reported; a
     NAL unit may be empty (start == end) where the data has two start codes
-    in a row.
+    in a row.  (C{data}: bytes or bytearray; read a memoryview's bytes().)
     """
     spans = []
     find = data.find
