@@ -158,7 +158,7 @@ def ffmpeg_command(ffmpeg, geometry, framerate, bitrate, video_input=None, filte
     if codec == "h264" and h264_encoder == "copy":
         if chain:
             raise ValueError(f"H.264 copied as it comes cannot be filtered ({','.join(chain)})")
-    else:
+    elif chain:
         command += ["-vf", ",".join(chain)]
     return command + output_args(framerate, bitrate, codec, keyframe_interval, h264_encoder)
 

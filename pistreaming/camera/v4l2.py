@@ -8,12 +8,23 @@ device does offer; otherwise ffmpeg is told to ask for exactly that
 touches the frames: ffmpeg reads the device, scales to the configured size (in
 case a driver hands over another one, so the stream header stays true),
 flips, and encodes.
+
+With ``--codec h264`` (L{choose_h264}): a camera that gives H.264 itself at
+the size and rate asked for is copied, not encoded again, unless a flip or
+an annotation changes the picture.  Otherwise ffmpeg encodes raw (or motion
+JPEG) frames with the hardware encoder, where ffmpeg has ``h264_v4l2m2m``
+and a V4L2 memory-to-memory device encodes H.264 (``/dev/video11`` on a
+Raspberry Pi), and with libx264 where not.  The source's description (which
+the daemon logs at start) says which, and why.
 """
 
 import errno
 import fcntl
+import glob
 import os
+import re
 import struct
+import subprocess
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -48,8 +59,11 @@ VIDIOC_ENUM_FRAMESIZES = _ioc(_READ_WRITE, 74, FRMSIZEENUM.size)
 VIDIOC_ENUM_FRAMEINTERVALS = _ioc(_READ_WRITE, 75, FRMIVALENUM.size)
 
 CAP_VIDEO_CAPTURE = 0x00000001
+CAP_VIDEO_M2M_MPLANE = 0x00004000
+CAP_VIDEO_M2M = 0x00008000
 CAP_DEVICE_CAPS = 0x80000000
 BUF_TYPE_VIDEO_CAPTURE = 1
+BUF_TYPE_VIDEO_CAPTURE_MPLANE = 9
 DISCRETE, CONTINUOUS, STEPWISE = 1, 2, 3
 
 #: V4L2 pixel formats ffmpeg's v4l2 input takes, by its -input_format name,
@@ -63,6 +77,11 @@ FFMPEG_FORMATS = {
     "MJPG": "mjpeg",
     "JPEG": "mjpeg",
 }
+
+#: The V4L2 pixel format of H.264 (access units in Annex B), and the name of
+#: ffmpeg's -input_format for it.
+H264 = "H264"
+FFMPEG_H264 = "h264"
 
 #: A device rate this close to the configured one counts as the same
 #: (webcams list e.g. 30 where 29.97 is asked, or 1/30.0003 s).
@@ -288,6 +307,14 @@ def _size_can(size, width, height, rate):
     return True  # rates not listed: ffmpeg asks, and the driver decides
 
 
+def offers_at(info, fourcc_name, width, height, rate):
+    """Whether the device gives C{fourcc_name} frames at C{width}x{height}
+    and C{rate}."""
+    rate = Fraction(rate)
+    return any(_size_can(s, width, height, rate)
+               for f in info.formats if f.fourcc == fourcc_name for s in f.sizes)
+
+
 def choose_format(info, width, height, rate):
     """The ffmpeg -input_format that gives C{width}x{height} at C{rate}.
 
@@ -305,31 +332,197 @@ def choose_format(info, width, height, rate):
     )
 
 
+# -- H.264: the camera's own, the hardware encoder's, or x264's ---------------
+
+def _fourccs(fd, ioctl, buf_type):
+    """The pixel formats of one of a device's queues."""
+    return [fourcc(FMTDESC.unpack(reply)[4]) for reply in _enumerate(
+        fd, ioctl, VIDIOC_ENUM_FMT, lambda i: FMTDESC.pack(i, buf_type, 0, b"", 0, 0))]
+
+
+def _device_number(path):
+    found = re.search(r"(\d+)$", path)
+    return (int(found.group(1)) if found else -1, path)
+
+
+def m2m_h264_encoders(paths=None, ioctl=fcntl.ioctl, open_device=None):
+    """The V4L2 memory-to-memory devices that encode H.264: [(path, card)].
+
+    Such a device (VIDIOC_QUERYCAP: V4L2_CAP_VIDEO_M2M or _M2M_MPLANE) takes
+    raw pictures on its output queue and gives H.264 on its capture queue;
+    a decoder is the other way round.  ffmpeg's h264_v4l2m2m finds the
+    device itself, the same way.
+
+    @param paths: the device nodes to ask; by default every /dev/video*.
+    """
+    if open_device is None:
+        open_device = _open_device
+    if paths is None:
+        paths = sorted(glob.glob("/dev/video*"), key=_device_number)
+    found = []
+    for path in paths:
+        try:
+            fd = open_device(path)
+        except DeviceError:
+            continue
+        try:
+            reply = ioctl(fd, VIDIOC_QUERYCAP, bytes(CAPABILITY.size))
+            _driver, card, _bus, _version, capabilities, device_caps = CAPABILITY.unpack(reply)
+            if capabilities & CAP_DEVICE_CAPS:
+                capabilities = device_caps
+            if capabilities & CAP_VIDEO_M2M_MPLANE:
+                kind = BUF_TYPE_VIDEO_CAPTURE_MPLANE
+            elif capabilities & CAP_VIDEO_M2M:
+                kind = BUF_TYPE_VIDEO_CAPTURE
+            else:
+                continue
+            if H264 in _fourccs(fd, ioctl, kind):
+                found.append((path, _text(card)))
+        except (OSError, DeviceError):
+            continue
+        finally:
+            os.close(fd)
+    return found
+
+
+def ffmpeg_encoders(ffmpeg, timeout=30):
+    """The names of the encoders the C{ffmpeg} executable has (an empty set
+    if it cannot say)."""
+    try:
+        result = subprocess.run([ffmpeg, "-hide_banner", "-nostdin", "-encoders"],
+                                stdin=subprocess.DEVNULL, capture_output=True,
+                                timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return set()
+    names = set()
+    for line in result.stdout.decode("utf-8", "replace").splitlines():
+        # " V....D libx264   libx264 H.264 / AVC ...": flags, name, description
+        parts = line.split(None, 2)
+        if len(parts) >= 2 and len(parts[0]) == 6 and parts[0][0] in "VAS":
+            names.add(parts[1])
+    return names
+
+
+def find_hardware_encoder(ffmpeg):
+    """Whether ffmpeg can encode H.264 in hardware here: (device, card) of
+    the V4L2 encoder it would use, or (None, why not).
+
+    This asks the machine (its devices, then ffmpeg); tests stand in for it.
+    """
+    devices = m2m_h264_encoders()
+    if not devices:
+        return None, "no V4L2 memory-to-memory device here encodes H.264"
+    if "h264_v4l2m2m" not in ffmpeg_encoders(ffmpeg):
+        device, card = devices[0]
+        return None, f"{ffmpeg} has no h264_v4l2m2m encoder for {card} at {device}"
+    return devices[0]
+
+
+@dataclass(frozen=True)
+class H264Plan:
+    """How H.264 is made of a V4L2 camera's pictures."""
+
+    #: ffmpeg's -input_format for the camera.
+    input_format: str
+    #: "copy" (the camera's own H.264), "h264_v4l2m2m" or "libx264"
+    #: (L{pistreaming.encoder.H264_ENCODERS}).
+    encoder: str
+    #: Which, and why, in words (for the log).
+    why: str
+
+
+def choose_h264(info, picture, annotate=False, find_encoder=None):
+    """How to give H.264 of C{picture} (a
+    L{pistreaming.camera.picture.Picture}) from the device C{info} describes.
+
+    @param annotate: whether the picture gets an annotation (--annotate).
+    @param find_encoder: called with no argument, only if the picture has to
+        be encoded: (device, card) of a hardware encoder, or (None, why not)
+        (L{find_hardware_encoder}).
+    @raise DeviceError: saying what the device offers, if nothing gives the
+        size at the rate.
+    """
+    width, height, rate = picture.width, picture.height, Fraction(picture.framerate)
+    shown = f"{width}x{height} at {_rate_shown(rate)} fps"
+    own = offers_at(info, H264, width, height, rate)
+    changes = (["--hflip"] if picture.hflip else []) + (["--vflip"] if picture.vflip else [])
+    if annotate:
+        changes.append("--annotate")
+    if own and not changes:
+        return H264Plan(FFMPEG_H264, "copy",
+                        f"H.264 copied as the camera encodes it at {shown}, not encoded "
+                        "again (its keyframes and bit rate are the camera's)")
+    try:
+        input_format = choose_format(info, width, height, rate)
+    except DeviceError:
+        if not own:
+            raise
+        input_format = FFMPEG_H264  # decoded by ffmpeg, to be changed and encoded again
+    if own:
+        reason = (f"{' and '.join(changes)} change{'s' if len(changes) == 1 else ''} "
+                  "the picture, so the camera's own H.264 cannot be copied")
+    elif any(f.fourcc == H264 for f in info.formats):
+        reason = f"the camera gives H.264, but not at {shown}"
+    else:
+        reason = "the camera gives no H.264"
+    device, text = (find_encoder or (lambda: (None, "no hardware encoder was looked for")))()
+    if device is not None:
+        return H264Plan(input_format, "h264_v4l2m2m",
+                        f"H.264 encoded from {input_format} by the hardware encoder "
+                        f"({text} at {device}, ffmpeg's h264_v4l2m2m): {reason}")
+    return H264Plan(input_format, "libx264",
+                    f"H.264 encoded from {input_format} by libx264 in ffmpeg: {reason}, "
+                    f"and {text}")
+
+
+class FFmpegInput(tuple):
+    """(ffmpeg input arguments, filters), as every source's C{ffmpeg_input()}
+    gives them, and how ffmpeg makes H.264 of that input: C{h264_encoder}
+    (L{pistreaming.encoder.ffmpeg_command} reads it)."""
+
+    def __new__(cls, args, filters, h264_encoder="libx264"):
+        self = super().__new__(cls, (args, filters))
+        self.h264_encoder = h264_encoder
+        return self
+
+
 class V4L2Source:
     """A V4L2 capture device that ffmpeg reads itself."""
 
     name = "v4l2"
 
-    def __init__(self, info, input_format, picture):
+    def __init__(self, info, input_format, picture, h264=None):
         """
         @param picture: the L{pistreaming.camera.picture.Picture} to read.
+        @param h264: the L{H264Plan}, when the stream is H.264.
         """
         self.info = info
         self.input_format = input_format
         self.picture = picture
         self.geometry = picture.geometry
+        self.h264 = h264
 
     @property
     def device(self):
         return self.info.path
 
+    @property
+    def h264_encoder(self):
+        """How ffmpeg makes H.264 of this camera (libx264 unless planned)."""
+        return self.h264.encoder if self.h264 is not None else "libx264"
+
     def describe(self):
         g = self.geometry
-        return (f"V4L2 device {self.device} ({self.info.card}), {self.input_format} "
+        text = (f"V4L2 device {self.device} ({self.info.card}), {self.input_format} "
                 f"{g.width}x{g.height} at {_rate_shown(self.picture.framerate)} fps")
+        if self.h264 is not None:
+            text += "; " + self.h264.why
+        return text
 
-    def ffmpeg_input(self):
-        """(ffmpeg input arguments, filters) that read the device."""
+    def ffmpeg_input(self, codec=None):
+        """(ffmpeg input arguments, filters) that read the device, as an
+        L{FFmpegInput}.  The camera's own H.264, copied, has no filters (the
+        picture is not decoded); with C{codec="mpeg1"} it is decoded."""
         p = self.picture
         args = [
             "-f", "v4l2", "-input_format", self.input_format,
@@ -337,13 +530,26 @@ class V4L2Source:
             "-i", self.device,
             "-map", "0:v:0",
         ]
+        if self.h264_encoder == "copy" and codec != "mpeg1":
+            return FFmpegInput(args, [], "copy")
         filters = [f"scale={p.width}:{p.height}", *p.flip_filters]
-        return args, filters
+        return FFmpegInput(args, filters, self.h264_encoder)
 
 
-def open_source(path, picture, ioctl=fcntl.ioctl):
+def open_source(path, picture, ioctl=fcntl.ioctl, codec="mpeg1", annotate=False,
+                ffmpeg="ffmpeg", find_encoder=None):
     """A L{V4L2Source} for the device at C{path} giving C{picture} (a
-    L{pistreaming.camera.picture.Picture}), or L{DeviceError}."""
+    L{pistreaming.camera.picture.Picture}), or L{DeviceError}.
+
+    @param codec: "mpeg1" or "h264" (then see L{choose_h264}).
+    @param annotate: whether the picture is annotated (--annotate).
+    @param ffmpeg: the ffmpeg executable (asked whether it has h264_v4l2m2m).
+    @param find_encoder: a stand-in for L{find_hardware_encoder}, for tests.
+    """
     info = query_device(path, ioctl=ioctl)
+    if codec == "h264":
+        plan = choose_h264(info, picture, annotate,
+                           find_encoder or (lambda: find_hardware_encoder(ffmpeg)))
+        return V4L2Source(info, plan.input_format, picture, h264=plan)
     input_format = choose_format(info, picture.width, picture.height, picture.framerate)
     return V4L2Source(info, input_format, picture)
