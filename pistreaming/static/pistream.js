@@ -1,28 +1,48 @@
-/* The viewer page: plays the pistream WebSocket stream with JSMpeg's parts.
+/* The viewer page: plays the pistream WebSocket stream, MPEG-1 or H.264.
  *
- * The stream's first message is 8 bytes: "jsmp", then the picture's width and
- * height as big-endian uint16.  Every later binary message is MPEG-TS
- * carrying MPEG-1 video; text messages (asked for with the "pistream"
- * subprotocol) are JSON status: {"viewers": n}, {"camera": "ok"} or
- * {"camera": "unavailable", "why": "..."}, and the same for "encoder".
+ * The stream's first message says which.  MPEG-1: 8 bytes, "jsmp", then the
+ * picture's width and height as big-endian uint16; every later binary
+ * message is MPEG-TS carrying MPEG-1 video.  H.264: a JSON text message
+ * {"stream": {"codec": "h264", "codecs": "avc1.42c01f", "profile", "level",
+ * "width", "height", "keyframe_interval", "avcc"}} (sent again whenever the
+ * stream's settings change); every later binary message is one picture:
+ * a flags byte (bit 0: a keyframe, SPS and PPS before its IDR, where a
+ * decoder can start), the capture time in microseconds since the epoch
+ * (8 bytes, big-endian; 0 when unknown), then the access unit in Annex B.
+ * Other text messages (asked for with the "pistream" subprotocol) are JSON
+ * status: {"viewers": n}, {"camera": "ok"} or {"camera": "unavailable",
+ * "why": "..."}, and the same for "encoder".
  *
- * Latency is the point, so JSMpeg's Player (which decodes one picture per
- * animation frame, and so lets a backlog grow) is not used.  Its demuxer,
- * decoder and renderer are wired here: every picture is decoded the moment
- * its last byte arrives, and at each animation frame (right before the
- * browser paints) the newest decoded picture is drawn.  Pictures that a newer
- * one overtook before a paint are never drawn, so after a stall (a busy
- * machine, a hidden tab) the page decodes what piled up as fast as it can
- * and shows live at once, instead of playing the backlog out.  A tab hidden
- * for a while lets go of the stream, and takes it up again when it shows
- * (the server sends a newcomer what a decoder needs to start at once).
+ * Each way of playing is a small player object, made for a connection once
+ * its first message says what the stream is: Mpeg1Player (JSMpeg's parts),
+ * WebCodecsPlayer (H.264 through the browser's VideoDecoder, which exists
+ * only in secure contexts: https, and http://localhost), or, where no
+ * player can play the stream, Unplayable, which says why and what to do.
+ * A player has write(data, received) for each binary message, configure(
+ * stream) for a new stream message (H.264), partsReady() once the page's
+ * canvas and renderer are there, and close().
+ *
+ * Latency is the point.  MPEG-1: JSMpeg's Player (which decodes one picture
+ * per animation frame, and so lets a backlog grow) is not used.  Its
+ * demuxer, decoder and renderer are wired here: every picture is decoded
+ * the moment its last byte arrives, and at each animation frame (right
+ * before the browser paints) the newest decoded picture is drawn.  H.264:
+ * each picture goes to the decoder the moment it arrives and is drawn the
+ * moment the decoder gives it back.  Either way, pictures that a newer one
+ * overtook are never drawn, so after a stall (a busy machine, a hidden tab)
+ * the page decodes what piled up as fast as it can and shows live at once,
+ * instead of playing the backlog out.  A tab hidden for a while lets go of
+ * the stream, and takes it up again when it shows (the server sends a
+ * newcomer what a decoder needs to start at once).
  *
  * This script runs from the page's head: it opens the socket at once, so
  * that the connection and the first pictures arrive while the player script
- * loads and its decoder compiles.  The first picture waits for the compiled
- * (WebAssembly) decoder, for a quarter of a second at most: decoding it with
- * the JavaScript decoder, not yet optimised by the browser, takes longer
- * than the compiler does.
+ * loads and its decoder compiles.  The first MPEG-1 picture waits for the
+ * compiled (WebAssembly) decoder, for a quarter of a second at most:
+ * decoding it with the JavaScript decoder, not yet optimised by the
+ * browser, takes longer than the compiler does.  H.264 needs no script of
+ * ours to decode: its decoder is set up as soon as the stream message is
+ * here.
  *
  * The socket's address is relative to the page (so it works behind port
  * forwarding and proxies), wss: over https:.
@@ -34,6 +54,14 @@
   var HIDDEN_RELEASE = 10000;   // ms hidden before the stream is let go
   var MAX_DECODES = 240;        // pictures decoded for one message, at most
   var WASM_WAIT = 250;          // ms a new connection waits for the compiled decoder
+  var UNPLAYABLE_RETRY = 30000; // ms before a stream this page cannot play is looked at again
+  // H.264: the decoder is behind when more than MAX_QUEUED pictures wait in
+  // it and the oldest it has not given back went in more than MAX_LAG ms
+  // ago.  (A newcomer's start, a whole group of pictures, arrives at once and
+  // is decoded in tens of milliseconds: that is catching up, not falling
+  // behind.)  Behind, it gets no more pictures until the next keyframe.
+  var MAX_QUEUED = 2;
+  var MAX_LAG = 250;
 
   var root = document.documentElement;
   var canvas = null;
@@ -45,27 +73,38 @@
     state: 'connecting', frames: 0, drawn: 0, overtaken: 0, width: 0, height: 0,
     connects: 0, url: '', bytes: 0, viewers: null, camera: 'ok', encoder: 'ok', why: '',
     renderer: '', decoder: '',
+    // The stream: 'mpeg1' or 'h264'; for H.264 the stream message's
+    // settings, and what the page sees of it: keyframes, the time between
+    // the last two (s), pictures dropped to stay live, decoder resets.
+    codec: '', stream: null, profile: '', level: '', keyframes: 0, keyframeInterval: null,
+    skipped: 0, resets: 0, error: '',
+    // Why there is no picture, when the page cannot play the stream.
+    notice: '',
     // When (performance.now()) the page got this far: the first time each.
     timing: { script: performance.now() },
     // Called right after a picture is drawn: f({received, decoded, drawn}),
-    // times from performance.now(); bench/latency reads the picture here.
+    // times from performance.now() (and for H.264, captured: the capture
+    // time in ms since the epoch, or null); bench/latency reads the picture here.
     onpicture: null
   };
 
-  // The decoding machinery, once the player script has loaded.
+  // The page's parts, once its body and the player script have loaded:
+  // the renderer (on the canvas) and JSMpeg's compiled decoder.
   // wasm: 'compiling', 'ready' or 'none' (no WebAssembly, or it failed).
-  var player = null;  // {renderer, wasm, wasmModule}
+  var parts = null;  // {renderer, wasm, wasmModule}
+  var waitingForParts = [];  // players that wait for them (or the compiled decoder)
 
-  function wasmReady() { return !!(player && player.wasmModule); }
+  function wasmReady() { return !!(parts && parts.wasmModule); }
 
   function mark(name) {
     if (!(name in state.timing)) { state.timing[name] = performance.now(); }
   }
-  var connections = [];  // waiting for the player (or its compiled decoder)
 
   function show(text) {
     state.state = text;
+    state.notice = '';
     if (!status) { return; }
+    status.classList.remove('notice');
     if (text === 'playing') {
       status.hidden = true;
     } else {
@@ -73,6 +112,17 @@
       status.hidden = false;
     }
     document.body.classList.toggle('stale', text !== 'playing' && state.frames > 0);
+  }
+
+  // No picture, and none to come without a change: say why, in full.
+  function explain(text) {
+    state.state = 'no picture';
+    state.notice = text;
+    if (!status) { return; }
+    status.textContent = text;
+    status.classList.add('notice');
+    status.hidden = false;
+    document.body.classList.toggle('stale', state.frames > 0);
   }
 
   function streamUrl() {
@@ -192,12 +242,39 @@
     }
   };
 
+  // A VideoFrame from WebCodecs' decoder (H.264), at its own size.  The
+  // caller closes it.
+  FrameRenderer.prototype.drawFrame = function (frame) {
+    var width = frame.displayWidth, height = frame.displayHeight;
+    if (this.canvas.width !== width || this.canvas.height !== height) {
+      this.canvas.width = width;
+      this.canvas.height = height;
+    }
+    this.width = width;
+    this.height = height;
+    this.context.drawImage(frame, 0, 0, width, height);
+  };
+
   FrameRenderer.prototype.destroy = function () {};
 
   // The first C{length} bytes of a plane, as plain bytes (a straight copy).
   function bytes(plane, length) {
     return new Uint8Array(plane.buffer, plane.byteOffset, length);
   }
+
+  // A picture is on the canvas: count it, say so, tell who listens.
+  function drawn(received, decoded, captured) {
+    state.drawn += 1;
+    mark('drawn');
+    if (state.state !== 'playing' && state.camera !== 'unavailable' &&
+        state.encoder !== 'unavailable') { show('playing'); }
+    if (state.onpicture) {
+      state.onpicture({ received: received, decoded: decoded, drawn: performance.now(),
+                        captured: captured });
+    }
+  }
+
+  // -- MPEG-1: JSMpeg's demuxer and decoder ------------------------------
 
   // The newest decoded picture waits here for the next animation frame.
   var pending = null;
@@ -208,7 +285,7 @@
   // at the next animation frame.  (The decoder double-buffers, so the
   // newest picture's planes stay intact until two more are decoded.)
   var destination = {
-    resize: function (width, height) { player.renderer.resize(width, height); },
+    resize: function (width, height) { parts.renderer.resize(width, height); },
     render: function (y, cr, cb, clamped) {
       if (pending) { state.overtaken += 1; }
       pending = { y: y, cr: cr, cb: cb, clamped: clamped,
@@ -225,53 +302,41 @@
     var picture = pending;
     pending = null;
     if (!picture) { return; }
-    player.renderer.render(picture.y, picture.cr, picture.cb, picture.clamped);
-    state.drawn += 1;
-    mark('drawn');
-    if (state.state !== 'playing' && state.camera !== 'unavailable' &&
-        state.encoder !== 'unavailable') { show('playing'); }
-    if (state.onpicture) {
-      state.onpicture({ received: picture.received, decoded: picture.decoded,
-                        drawn: performance.now() });
-    }
+    parts.renderer.render(picture.y, picture.cr, picture.cb, picture.clamped);
+    drawn(picture.received, picture.decoded, null);
   }
 
-  // -- one connection ----------------------------------------------------
-
-  function Connection(url, onClosed) {
-    var self = this;
-    this.header = false;
-    this.closed = false;
-    this.waiting = [];  // messages that came before the player was ready
+  // The MPEG-1 stream of C{connection}, C{width} x C{height} (its header).
+  function Mpeg1Player(connection, width, height) {
+    this.connection = connection;
+    this.waiting = [];  // messages that came before the decoder was ready
     this.later = [];    // video not yet handed to the demuxer: {data, whole}
     this.begun = 0;     // pictures begun, until the first is shown
     this.video = null;
-    this.onClosed = onClosed;
-    state.connects += 1;
-    state.url = url;
-    var socket = this.socket = new WebSocket(url, ['pistream']);
-    socket.binaryType = 'arraybuffer';
-    socket.onmessage = function (ev) {
-      mark('message');
-      if (self.video) {
-        self.onMessage(ev.data, performance.now());
-      } else {
-        self.waiting.push([ev.data, performance.now()]);
-      }
-    };
-    socket.onopen = function () { mark('open'); };
-    socket.onclose = function (ev) { self.onClose(ev); };
-    if (player) { this.start(); } else { connections.push(this); }
+    this.demuxer = null;
+    state.codec = 'mpeg1';
+    state.stream = null;
+    state.width = width;
+    state.height = height;
+    if (parts) { this.partsReady(); } else { waitingForParts.push(this); }
   }
 
-  // The player is ready: wire a demuxer and decoder, take what waited.
-  // While the compiled decoder is being made, wait for it a little.
-  Connection.prototype.start = function () {
-    if (this.closed || this.demuxer) { return; }
-    if (player.wasm === 'compiling' && !this.waitedForWasm) {
+  // The page's parts are ready (or the compiled decoder, or the time to
+  // wait for it, is): wire a demuxer and decoder, take what waited.  While
+  // the compiled decoder is being made, wait for it a little.
+  Mpeg1Player.prototype.partsReady = function () {
+    if (this.connection.closed || this.demuxer) { return; }
+    if (!this.sized) {
+      this.sized = true;
+      if (canvas.width !== state.width || canvas.height !== state.height) {
+        canvas.width = state.width;
+        canvas.height = state.height;
+      }
+    }
+    if (parts.wasm === 'compiling' && !this.waitedForWasm) {
       var self = this;
-      this.waitedForWasm = setTimeout(function () { self.start(); }, WASM_WAIT);
-      connections.push(this);
+      this.waitedForWasm = setTimeout(function () { self.partsReady(); }, WASM_WAIT);
+      waitingForParts.push(this);
       return;
     }
     clearTimeout(this.waitedForWasm);
@@ -279,18 +344,18 @@
     this.useDecoder(wasmReady());
     var waiting = this.waiting;
     this.waiting = [];
-    for (var i = 0; i < waiting.length && !this.closed; i++) {
-      this.onMessage(waiting[i][0], waiting[i][1]);
+    for (var i = 0; i < waiting.length && !this.connection.closed; i++) {
+      this.write(waiting[i][0], waiting[i][1]);
     }
   };
 
   // JSMpeg's decoder in WebAssembly once it is compiled; until then (the
   // first pictures of a page) its JavaScript decoder, so that the first
   // picture need not wait for the compiler.
-  Connection.prototype.useDecoder = function (wasm) {
+  Mpeg1Player.prototype.useDecoder = function (wasm) {
     var options = {
       streaming: true, decodeFirstFrame: false, videoBufferSize: 4 * 1024 * 1024,
-      wasmModule: wasm ? player.wasmModule : null
+      wasmModule: wasm ? parts.wasmModule : null
     };
     if (this.video) {
       this.video.connect(null);
@@ -331,19 +396,16 @@
   // The end of the TS packet in C{bytes} that begins the connection's
   // second picture, or 0.  (Each picture is a PES of its own; the demuxer
   // hands one to the decoder when the next begins.)
-  Connection.prototype.firstPictureEnd = function (bytes) {
+  Mpeg1Player.prototype.firstPictureEnd = function (bytes) {
     for (var i = 0; i + 188 <= bytes.length; i += 188) {
       if (videoPesAt(bytes, i) >= 0 && ++this.begun === 2) { return i + 188; }
     }
     return 0;
   };
 
-  Connection.prototype.onMessage = function (data, received) {
-    if (typeof data === 'string') { this.onStatus(data); return; }
-    if (!this.header) { this.onHeader(data); return; }
+  Mpeg1Player.prototype.write = function (data, received) {
+    if (!this.video) { this.waiting.push([data, received]); return; }
     decoding.received = received;
-    state.bytes += data.byteLength;
-    meter.bytes(received, data.byteLength);
     this.later.push({ data: data, whole: true });
     if (!this.holding) { this.feed(received); }
   };
@@ -355,8 +417,8 @@
   // would hold the first picture back.  (The split here also covers an intra
   // picture that came in pieces, and the rest arriving before the first
   // picture was decoded.)  The rest waits until that picture is painted.
-  Connection.prototype.feed = function (received) {
-    while (this.later.length && !this.holding && !this.closed) {
+  Mpeg1Player.prototype.feed = function (received) {
+    while (this.later.length && !this.holding && !this.connection.closed) {
       var piece = this.later.shift();
       var data = piece.data;
       if (piece.whole && !this.wasm && wasmReady() && startsDecodable(new Uint8Array(data))) {
@@ -378,7 +440,7 @@
   // (the start the server sends a newcomer) is shown before the pictures
   // that follow it are decoded: decoding stops, and goes on after that
   // picture is painted.
-  Connection.prototype.decode = function (received) {
+  Mpeg1Player.prototype.decode = function (received) {
     for (var i = 0; i < MAX_DECODES && this.video.decode(); i++) {
       mark('decoded');
       state.frames += 1;
@@ -391,18 +453,380 @@
     }
   };
 
-  Connection.prototype.hold = function () {
+  Mpeg1Player.prototype.hold = function () {
     var self = this;
     this.holding = true;
     requestAnimationFrame(function () {
       setTimeout(function () {
         self.holding = false;
-        if (!self.closed) {
+        if (!self.connection.closed) {
           self.decode(decoding.received);
           self.feed(decoding.received);
         }
       }, 0);
     });
+  };
+
+  Mpeg1Player.prototype.close = function () {
+    if (this.video) {
+      this.video.connect(null);
+      pending = null;  // its planes live in the decoder, which goes now
+      if (this.video.destroy) { this.video.destroy(); }
+      this.video = null;
+    }
+  };
+
+  Mpeg1Player.prototype.describe = function () {
+    return ['MPEG-1', 'JSMpeg (' + (state.decoder === 'wasm' ? 'WebAssembly' : 'JavaScript') + ')'];
+  };
+
+  // -- H.264 -------------------------------------------------------------
+
+  // The players that can play H.264, best first; the first that this
+  // browser and page can use plays the stream.
+  var H264_PLAYERS = [];
+
+  // Why none of them can, and what to do.
+  function whyNoH264() {
+    if (!window.isSecureContext) {
+      return 'No picture: this camera sends H.264, which a browser decodes only on a ' +
+        'secure page (https://, or http://localhost on the camera itself), and this page ' +
+        'came over plain http. Open it over https, or start pistream with --codec mpeg1 ' +
+        'to watch it here.';
+    }
+    return 'No picture: this camera sends H.264, and this browser has no WebCodecs ' +
+      'decoder for it. Open the page in a current browser, or start pistream with ' +
+      '--codec mpeg1.';
+  }
+
+  function h264Player(connection, stream) {
+    for (var i = 0; i < H264_PLAYERS.length; i++) {
+      if (H264_PLAYERS[i].usable()) { return new H264_PLAYERS[i](connection, stream); }
+    }
+    return new Unplayable(connection, stream, whyNoH264());
+  }
+
+  // The stream message's settings, for the page's state and overlay.
+  function takeStream(stream) {
+    state.codec = 'h264';
+    state.stream = stream;
+    state.profile = String(stream.profile || '');
+    state.level = String(stream.level || '');
+    if (stream.width > 0 && stream.height > 0) {
+      state.width = stream.width;
+      state.height = stream.height;
+    }
+  }
+
+  // The capture time (microseconds since the epoch) in an access unit's message.
+  function captureTime(view) {
+    return view.getUint32(1) * 4294967296 + view.getUint32(5);
+  }
+
+  // H.264 through WebCodecs' VideoDecoder.  The access units are Annex B, so
+  // the decoder is configured with the codec string alone (no description):
+  // it reads SPS and PPS from the keyframes.  It starts at a keyframe, again
+  // after an error or a change of settings (a new stream message).  Each
+  // picture is drawn as the decoder gives it back, and closed: none is kept,
+  // except one that comes before the page's canvas is there.  While more
+  // pictures are in the decoder (a newcomer's start, a burst after a stall)
+  // the ones overtaken are not drawn, except the first of a start.
+  function WebCodecsPlayer(connection, stream) {
+    this.connection = connection;
+    this.closed = false;
+    this.decoder = null;
+    this.config = null;
+    this.generation = 0;      // of configure(): an answer for an older one is ignored
+    this.configured = false;  // the decoder has the current stream's settings
+    this.waitingForKey = true;
+    this.starting = true;     // no picture drawn since the decoder (re)started
+    this.skipping = false;    // behind: no pictures until the next keyframe
+    this.held = [];           // from a keyframe on, while the decoder is being set up
+    this.inflight = [];       // in the decoder: {timestamp, received, given, captured}
+    this.timestamp = -1;      // the last chunk's
+    this.lastKey = null;      // {captured, received} of the latest keyframe
+    this.early = null;        // a picture decoded before the canvas was there
+    state.decoder = 'WebCodecs';
+    this.configure(stream);
+  }
+
+  WebCodecsPlayer.usable = function () {
+    return !!(window.isSecureContext && window.VideoDecoder && window.EncodedVideoChunk &&
+              window.VideoFrame);
+  };
+
+  H264_PLAYERS.push(WebCodecsPlayer);
+
+  WebCodecsPlayer.prototype.configure = function (stream) {
+    var self = this;
+    var generation = ++this.generation;
+    var again = !!state.stream && state.frames > 0;
+    takeStream(stream);
+    this.configured = false;
+    this.held = [];
+    this.lastKey = null;
+    this.restart();
+    if (again) { show('stream changed: waiting for a keyframe'); }
+    var config = { codec: String(stream.codecs), optimizeForLatency: true };
+    var checked;
+    try {
+      checked = VideoDecoder.isConfigSupported(config);
+    } catch (e) {
+      checked = Promise.reject(e);
+    }
+    checked.then(function (support) {
+      if (generation !== self.generation || self.closed) { return; }
+      if (!support.supported) { self.refuse(stream, ''); return; }
+      self.config = config;
+      self.configured = true;
+      self.newDecoder();
+      var held = self.held;
+      self.held = [];
+      for (var i = 0; i < held.length && self.configured; i++) { self.decode(held[i]); }
+    }, function (error) {
+      if (generation !== self.generation || self.closed) { return; }
+      self.refuse(stream, String(error && error.message || error));
+    });
+  };
+
+  // The browser cannot decode this stream: say so, and let it go.
+  WebCodecsPlayer.prototype.refuse = function (stream, error) {
+    this.configured = false;
+    this.dropDecoder();
+    state.error = error;
+    explain('No picture: this browser cannot decode this camera\'s H.264 (' +
+            (stream.profile || 'unknown profile') + ', level ' + (stream.level || '?') +
+            ', ' + stream.codecs + '). Start pistream with --codec mpeg1, or try another ' +
+            'browser.');
+    this.connection.close('unplayable');
+  };
+
+  // Start decoding afresh at the next keyframe: what is in the decoder goes.
+  WebCodecsPlayer.prototype.restart = function () {
+    this.waitingForKey = true;
+    this.starting = true;
+    this.skipping = false;
+    this.inflight = [];
+    if (this.decoder && this.decoder.state === 'configured') {
+      this.decoder.reset();  // (unconfigured: configure() comes before the next decode)
+    }
+  };
+
+  WebCodecsPlayer.prototype.newDecoder = function () {
+    var self = this;
+    this.dropDecoder();
+    var decoder = new VideoDecoder({
+      output: function (frame) {
+        if (decoder === self.decoder) { self.output(frame); } else { frame.close(); }
+      },
+      error: function (error) {
+        if (decoder === self.decoder) { self.failed(error); }
+      }
+    });
+    this.decoder = decoder;
+    decoder.configure(this.config);
+  };
+
+  WebCodecsPlayer.prototype.dropDecoder = function () {
+    var decoder = this.decoder;
+    this.decoder = null;
+    if (decoder && decoder.state !== 'closed') {
+      try { decoder.close(); } catch (e) { /* closed meanwhile */ }
+    }
+  };
+
+  // The decoder failed (a damaged picture, say): a new one, from the next keyframe.
+  WebCodecsPlayer.prototype.failed = function (error) {
+    if (this.closed) { return; }
+    state.resets += 1;
+    state.error = String(error && error.message || error);
+    this.restart();
+    this.newDecoder();
+    show('picture damaged: waiting for a keyframe');
+  };
+
+  WebCodecsPlayer.prototype.write = function (data, received) {
+    if (this.closed || data.byteLength < 10) { return; }
+    var view = new DataView(data);
+    var chunk = {
+      key: (view.getUint8(0) & 1) === 1, captured: captureTime(view), received: received,
+      data: new Uint8Array(data, 9)
+    };
+    if (chunk.key) { this.sawKey(chunk); }
+    if (!this.configured) {
+      if (chunk.key) {
+        this.held = [chunk];
+      } else if (this.held.length) {
+        this.held.push(chunk);
+      }
+      return;
+    }
+    this.decode(chunk);
+  };
+
+  // The keyframe interval the page sees: between the last two keyframes'
+  // capture times (their arrival where the stream has none).
+  WebCodecsPlayer.prototype.sawKey = function (chunk) {
+    state.keyframes += 1;
+    var last = this.lastKey;
+    if (last) {
+      var seconds = chunk.captured && last.captured
+        ? (chunk.captured - last.captured) / 1e6 : (chunk.received - last.received) / 1e3;
+      if (seconds > 0) { state.keyframeInterval = seconds; }
+    }
+    this.lastKey = { captured: chunk.captured, received: chunk.received };
+  };
+
+  WebCodecsPlayer.prototype.behind = function () {
+    return this.decoder.decodeQueueSize > MAX_QUEUED && this.inflight.length > 0 &&
+      performance.now() - this.inflight[0].given > MAX_LAG;
+  };
+
+  WebCodecsPlayer.prototype.decode = function (chunk) {
+    if (this.waitingForKey) {
+      if (!chunk.key) { return; }
+      this.waitingForKey = false;
+      if (this.decoder.state !== 'configured') { this.decoder.configure(this.config); }
+    } else if (chunk.key) {
+      this.skipping = false;
+    } else if (this.skipping || this.behind()) {
+      this.skipping = true;
+      state.skipped += 1;
+      return;
+    }
+    // Timestamps in the decoder go up: the capture time, unless it is unknown.
+    var timestamp = chunk.captured > this.timestamp ? chunk.captured : this.timestamp + 1;
+    this.timestamp = timestamp;
+    try {
+      this.decoder.decode(new EncodedVideoChunk({
+        type: chunk.key ? 'key' : 'delta', timestamp: timestamp, data: chunk.data
+      }));
+    } catch (e) {
+      this.failed(e);
+      return;
+    }
+    this.inflight.push({ timestamp: timestamp, received: chunk.received,
+                         given: performance.now(), captured: chunk.captured });
+  };
+
+  WebCodecsPlayer.prototype.output = function (frame) {
+    var decoded = performance.now();
+    var entry = null;
+    while (this.inflight.length && this.inflight[0].timestamp <= frame.timestamp) {
+      entry = this.inflight.shift();
+    }
+    var received = entry ? entry.received : decoded;
+    var captured = entry && entry.captured ? entry.captured / 1000 : null;
+    mark('decoded');
+    state.frames += 1;
+    meter.picture(received);
+    var first = this.starting;
+    this.starting = false;
+    if (!first && this.decoder.decodeQueueSize > 0) {
+      state.overtaken += 1;  // the next picture is right behind it
+      frame.close();
+      return;
+    }
+    if (!parts) {  // the canvas is not there yet: the newest picture waits for it
+      if (this.early) {
+        this.early.frame.close();
+        state.overtaken += 1;
+      } else {
+        waitingForParts.push(this);
+      }
+      this.early = { frame: frame, received: received, decoded: decoded, captured: captured };
+      return;
+    }
+    if (document.hidden) { frame.close(); return; }  // no one to see it
+    this.draw(frame, received, decoded, captured);
+  };
+
+  WebCodecsPlayer.prototype.draw = function (frame, received, decoded, captured) {
+    try {
+      parts.renderer.drawFrame(frame);
+      state.width = frame.displayWidth;
+      state.height = frame.displayHeight;
+    } finally {
+      frame.close();
+    }
+    drawn(received, decoded, captured);
+  };
+
+  WebCodecsPlayer.prototype.partsReady = function () {
+    var early = this.early;
+    this.early = null;
+    if (early && !this.closed) {
+      this.draw(early.frame, early.received, early.decoded, early.captured);
+    } else if (early) {
+      early.frame.close();
+    }
+  };
+
+  WebCodecsPlayer.prototype.close = function () {
+    this.closed = true;
+    this.generation += 1;
+    this.held = [];
+    this.inflight = [];
+    if (this.early) { this.early.frame.close(); this.early = null; }
+    this.dropDecoder();
+  };
+
+  WebCodecsPlayer.prototype.describe = function () {
+    return h264Lines().concat(['WebCodecs']);
+  };
+
+  function h264Lines() {
+    return [
+      'H.264 ' + state.profile + (state.level ? ', level ' + state.level : ''),
+      'keyframes every ' +
+        (state.keyframeInterval ? state.keyframeInterval.toFixed(1) + ' s' : '?')
+    ];
+  }
+
+  // A stream no player here can play: the page says why, and what to do,
+  // and lets the stream go (it looks again now and then: the camera may
+  // have been restarted in a way the page can play).
+  function Unplayable(connection, stream, why) {
+    if (stream) { takeStream(stream); }
+    state.decoder = '';
+    explain(why);
+    connection.close('unplayable');
+  }
+
+  Unplayable.prototype.write = function () {};
+  Unplayable.prototype.configure = function (stream) { takeStream(stream); };
+  Unplayable.prototype.partsReady = function () {};
+  Unplayable.prototype.close = function () {};
+  Unplayable.prototype.describe = function () {
+    return state.codec === 'h264' ? h264Lines().concat(['no decoder']) : [];
+  };
+
+  // -- one connection ----------------------------------------------------
+
+  function Connection(url, onClosed) {
+    var self = this;
+    this.closed = false;
+    this.player = null;  // made when the first message says what the stream is
+    this.onClosed = onClosed;
+    state.connects += 1;
+    state.url = url;
+    var socket = this.socket = new WebSocket(url, ['pistream']);
+    socket.binaryType = 'arraybuffer';
+    socket.onmessage = function (ev) {
+      mark('message');
+      self.onMessage(ev.data, performance.now());
+    };
+    socket.onopen = function () { mark('open'); };
+    socket.onclose = function (ev) { self.onClose(ev); };
+  }
+
+  Connection.prototype.onMessage = function (data, received) {
+    if (this.closed || this.intent) { return; }
+    if (typeof data === 'string') { this.onText(data); return; }
+    if (!this.player) { this.onHeader(data); return; }
+    state.bytes += data.byteLength;
+    meter.bytes(received, data.byteLength);
+    this.player.write(data, received);
   };
 
   Connection.prototype.onHeader = function (data) {
@@ -414,24 +838,39 @@
       show('not a pistream stream');
       return;
     }
-    this.header = true;
     mark('header');
     retryDelay = 500;
-    state.width = view.getUint16(4);
-    state.height = view.getUint16(6);
-    if (canvas.width !== state.width || canvas.height !== state.height) {
-      canvas.width = state.width;
-      canvas.height = state.height;
-    }
+    this.player = new Mpeg1Player(this, view.getUint16(4), view.getUint16(6));
   };
 
-  Connection.prototype.onStatus = function (text) {
+  // A stream message: the H.264 stream begins, or its settings changed.
+  Connection.prototype.onStream = function (stream) {
+    mark('stream');
+    retryDelay = 500;
+    if (!stream || typeof stream !== 'object' || stream.codec !== 'h264') {
+      if (this.player) { this.player.close(); }
+      this.player = new Unplayable(this, null, 'No picture: this page cannot play the ' +
+        'camera\'s stream (' + (stream && stream.codec) + '). Reload the page: the ' +
+        'camera may have a newer one.');
+      return;
+    }
+    if (this.player && this.player.configure) {
+      this.player.configure(stream);
+      return;
+    }
+    if (this.player) { this.player.close(); }
+    this.player = h264Player(this, stream);
+  };
+
+  Connection.prototype.onText = function (text) {
     var message;
     try { message = JSON.parse(text); } catch (e) { return; }
+    if (!message || typeof message !== 'object') { return; }
+    if ('stream' in message) { this.onStream(message.stream); return; }
     if ('viewers' in message) { state.viewers = message.viewers; }
     if ('camera' in message) { state.camera = message.camera; }
     if ('encoder' in message) { state.encoder = message.encoder; }
-    if ('camera' in message || 'encoder' in message) {
+    if (('camera' in message || 'encoder' in message) && !state.notice) {
       if ('why' in message) { state.why = message.why; }
       if (state.camera === 'unavailable') {
         show('camera unavailable');
@@ -444,8 +883,9 @@
     meter.update();
   };
 
-  // Close on purpose: 'release' (a hidden tab lets go of the stream) or
-  // 'refused' (not a stream to play).
+  // Close on purpose: 'release' (a hidden tab lets go of the stream),
+  // 'refused' (not a stream to play) or 'unplayable' (a stream this page
+  // cannot play here).
   Connection.prototype.close = function (intent) {
     this.intent = intent;
     if (!this.closed) { this.socket.close(1000); }
@@ -453,11 +893,7 @@
 
   Connection.prototype.onClose = function (ev) {
     this.closed = true;
-    if (this.video) {
-      this.video.connect(null);
-      pending = null;  // its planes live in the decoder, which goes now
-      if (this.video.destroy) { this.video.destroy(); }
-    }
+    if (this.player) { this.player.close(); }
     this.onClosed(ev, this.intent);
   };
 
@@ -477,6 +913,10 @@
   function closed(ev, intent) {
     connection = null;
     if (intent === 'release' || intent === 'refused') { return; }
+    if (intent === 'unplayable') {  // (the page keeps saying why)
+      retryTimer = setTimeout(connect, UNPLAYABLE_RETRY);
+      return;
+    }
     if (ev.code === 1013) {  // try again later: the camera has all the viewers it takes
       show('camera busy: ' + (ev.reason || 'too many viewers'));
     } else {
@@ -501,7 +941,7 @@
     }
   });
 
-  // -- the overlay: fps, bit rate, viewers (toggle: "s" key, or a tap) ----
+  // -- the overlay: fps, bit rate, viewers, codec (toggle: "s" key, or a tap)
 
   var meter = {
     pictures: [], arrivals: [],
@@ -524,6 +964,9 @@
         (state.viewers === null ? '?' : state.viewers) +
           (state.viewers === 1 ? ' viewer' : ' viewers')
       ];
+      if (connection && connection.player) {
+        lines = lines.concat(connection.player.describe());
+      }
       overlay.textContent = lines.join('\n');
     }
   };
@@ -543,7 +986,7 @@
     canvas = document.getElementById('video');
     status = document.getElementById('status');
     overlay = document.getElementById('overlay');
-    show(state.state);
+    if (state.notice) { explain(state.notice); } else { show(state.state); }
 
     document.addEventListener('keydown', function (ev) {
       if ((ev.key === 's' || ev.key === 'S') && !ev.ctrlKey && !ev.metaKey && !ev.altKey) {
@@ -554,13 +997,13 @@
     setInterval(function () { meter.update(); }, 500);
     toggleOverlay(window.location.hash === '#stats' || remembered('pistream.overlay') === '1');
 
-    player = { renderer: makeRenderer(), wasm: 'none', wasmModule: null };
-    state.player = player;
+    parts = { renderer: makeRenderer(), wasm: 'none', wasmModule: null };
+    state.player = parts;
     mark('player');
     if (window.WebAssembly) {
       // A connection that started without it (it waited long enough)
       // switches over at a starting point.
-      player.wasm = 'compiling';
+      parts.wasm = 'compiling';
       var module = JSMpeg.WASMModule.GetModule();
       // (The player carries its decoder as base64: decoded natively where
       // the browser can.)
@@ -568,9 +1011,9 @@
         ? Uint8Array.fromBase64(JSMpeg.WASM_BINARY_INLINED).buffer
         : JSMpeg.Base64ToArrayBuffer(JSMpeg.WASM_BINARY_INLINED);
       module.loadFromBuffer(binary, function () {
-        player.wasm = module.ready ? 'ready' : 'none';
+        parts.wasm = module.ready ? 'ready' : 'none';
         if (module.ready) {
-          player.wasmModule = module;
+          parts.wasmModule = module;
           mark('wasm');
         }
         startWaiting();
@@ -580,9 +1023,9 @@
   }
 
   function startWaiting() {
-    var waiting = connections;
-    connections = [];
-    for (var i = 0; i < waiting.length; i++) { waiting[i].start(); }
+    var waiting = waitingForParts;
+    waitingForParts = [];
+    for (var i = 0; i < waiting.length; i++) { waiting[i].partsReady(); }
   }
 
   // jsmpg.js is a deferred script: it has run by DOMContentLoaded.
