@@ -1,0 +1,227 @@
+"""What a person sees of an H.264 stream: the page in headless Chromium.
+
+The stream comes from tests/h264_page_server.py (the real page, and a
+prepared libx264 stream in the H.264 stream format at its real frame rate),
+so that each test can put the stream where it needs it: a newcomer in
+mid-group, a damaged picture, a change of size, connections cut.  At
+http://127.0.0.1 the page is a secure context and decodes with WebCodecs;
+at http://pistream.test (Chromium maps the name to 127.0.0.1) it is not,
+and says why there is no picture.
+
+Every wait is Playwright's wait_for_function, bounded.
+"""
+
+import pytest
+from PIL import ImageChops, ImageStat
+
+from tests.browser import CHROMIUM_ARGS, picture
+from tests.h264_page_server import PageServer
+from tests.test_browser import STATUS_HISTORY, open_page, wait_for_pictures
+
+pytestmark = pytest.mark.browser
+
+INSECURE_HOST = "pistream.test"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium as tests/browser.py launches it, with one more
+    flag: pistream.test is 127.0.0.1, a name that is no secure context."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from tests.browser import CHROMIUM
+    with sync_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_ARGS + [f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1"])
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with PageServer(tmp_path_factory.mktemp("h264clips")) as server:
+        yield server
+
+
+def state(page, *names):
+    return page.evaluate("(names) => names.map((n) => window.pistream[n])", list(names))
+
+
+def wait_for_drawn(page, more_than, timeout=15_000):
+    page.wait_for_function(f"() => window.pistream && window.pistream.drawn > {more_than}",
+                           timeout=timeout)
+
+
+def test_the_page_plays_h264_through_webcodecs(browser, server):
+    ctx, page = open_page(browser, server.url())
+    try:
+        wait_for_pictures(page, 30)
+        wait_for_drawn(page, 10)
+        assert page.evaluate("window.isSecureContext")
+        assert state(page, "codec", "decoder", "width", "height", "state") == \
+            ["h264", "WebCodecs", 320, 240, "playing"]
+        assert page.locator("#status").is_hidden()
+        canvas = page.locator("#video")
+        assert page.evaluate("document.getElementById('video').width") == 320
+        first = picture(canvas.screenshot())
+        drawn = page.evaluate("window.pistream.drawn")
+        wait_for_drawn(page, drawn + 15)
+        second = picture(canvas.screenshot())
+
+        page.keyboard.press("s")
+        page.wait_for_function(
+            "() => /keyframes every \\d/.test(document.getElementById('overlay').textContent)",
+            timeout=10_000)
+        lines = page.locator("#overlay").inner_text().splitlines()
+        complaints = list(page.complaints)
+    finally:
+        ctx.close()
+    # testsrc2's picture, and it moves.
+    assert max(ImageStat.Stat(first).stddev) > 20
+    diff = ImageChops.difference(first, second)
+    assert max(ImageStat.Stat(diff).mean) > 1, ImageStat.Stat(diff).mean
+    assert lines[0] == "320\u00d7240"
+    assert lines[3] == "1 viewer"
+    assert lines[4:] == ["H.264 Constrained Baseline, level 1.3",
+                         "keyframes every 2.0 s", "WebCodecs"], lines
+    assert complaints == []
+
+
+def test_a_newcomer_in_mid_group_shows_a_picture_at_once(browser, server):
+    """The server sends a newcomer the group's keyframe and the 40 pictures
+    since, at once: the keyframe's picture is on the canvas within 300 ms
+    of the stream message, all of them are decoded (none dropped), and the
+    page goes on live."""
+    server.control("midgroup", at=40)
+    ctx, page = open_page(browser, server.url())
+    try:
+        wait_for_drawn(page, 0)
+        timing = page.evaluate("window.pistream.timing")
+        wait_for_pictures(page, 40, timeout=5_000)
+        frames = page.evaluate("window.pistream.frames")
+        wait_for_pictures(page, frames + 15, timeout=5_000)
+        assert state(page, "skipped", "resets", "state") == [0, 0, "playing"]
+    finally:
+        ctx.close()
+    assert timing["drawn"] - timing["stream"] < 300, timing
+
+
+def test_a_damaged_picture_is_got_over_at_the_next_keyframe(browser, server):
+    ctx, page = open_page(browser, server.url(), init=STATUS_HISTORY)
+    try:
+        wait_for_drawn(page, 10)
+        keyframes, resets = state(page, "keyframes", "resets")
+        server.control("corrupt")  # answers once the damaged picture went out
+        # Chromium's decoder says so; the page starts afresh at the next keyframe.
+        page.wait_for_function(f"() => window.pistream.resets > {resets}", timeout=5_000)
+        page.wait_for_function(f"() => window.pistream.keyframes > {keyframes}", timeout=5_000)
+        drawn = page.evaluate("window.pistream.drawn")
+        wait_for_drawn(page, drawn + 15, timeout=5_000)
+        assert state(page, "resets", "state") == [resets + 1, "playing"]
+        assert page.locator("#status").is_hidden()
+        shown = page.evaluate("window.statusShown")
+    finally:
+        ctx.close()
+    assert "picture damaged: waiting for a keyframe\u2026" in shown, shown
+    assert shown[-1] == "", shown
+
+
+def test_a_change_of_size_reconfigures_the_decoder(browser, server):
+    ctx, page = open_page(browser, server.url(), init=STATUS_HISTORY)
+    try:
+        wait_for_drawn(page, 10)
+        for size, codecs in (("480x360", "avc1.42c01e"), ("320x240", "avc1.42c00d")):
+            width, height = map(int, size.split("x"))
+            server.control("resize", clip=size)
+            page.wait_for_function(
+                f"() => document.getElementById('video').width === {width} && "
+                f"window.pistream.state === 'playing'", timeout=5_000)
+            drawn = page.evaluate("window.pistream.drawn")
+            wait_for_drawn(page, drawn + 10, timeout=5_000)
+            assert state(page, "width", "height", "resets") == [width, height, 0]
+            assert page.evaluate("window.pistream.stream.codecs") == codecs
+            assert page.evaluate("document.getElementById('video').height") == height
+        shown = page.evaluate("window.statusShown")
+    finally:
+        ctx.close()
+    assert shown.count("stream changed: waiting for a keyframe\u2026") == 2, shown
+    assert shown[-1] == "", shown
+
+
+def test_the_page_comes_back_by_itself_when_the_connection_is_cut(browser, server):
+    ctx, page = open_page(browser, server.url(), init=STATUS_HISTORY)
+    try:
+        wait_for_drawn(page, 10)
+        server.control("drop")
+        page.wait_for_function("() => window.pistream.connects >= 2", timeout=5_000)
+        drawn = page.evaluate("window.pistream.drawn")
+        wait_for_drawn(page, drawn + 5, timeout=5_000)
+        assert page.locator("#status").is_hidden()
+        shown = page.evaluate("window.statusShown")
+    finally:
+        ctx.close()
+    assert "reconnecting\u2026" in shown, shown
+
+
+#: document.hidden as a hidden tab has it (headless pages are never hidden).
+HIDE = """(hidden) => {
+  Object.defineProperty(document, 'hidden', { configurable: true, get: () => hidden });
+  Object.defineProperty(document, 'visibilityState',
+                        { configurable: true, get: () => hidden ? 'hidden' : 'visible' });
+  document.dispatchEvent(new Event('visibilitychange'));
+}"""
+
+
+def test_a_hidden_tab_decodes_but_draws_nothing(browser, server):
+    ctx, page = open_page(browser, server.url())
+    try:
+        wait_for_drawn(page, 10)
+        page.evaluate(HIDE, True)
+        frames, drawn = state(page, "frames", "drawn")
+        wait_for_pictures(page, frames + 15, timeout=5_000)
+        assert page.evaluate("window.pistream.drawn") <= drawn + 1
+        page.evaluate(HIDE, False)
+        wait_for_drawn(page, drawn + 10, timeout=5_000)
+    finally:
+        ctx.close()
+
+
+#: Whether the server has no viewer left (asked from the page).
+VIEWERS_GONE = "async () => (await (await fetch('/control/state')).json()).viewers === 0"
+
+
+def test_a_page_that_is_no_secure_context_says_why_and_what_to_do(browser, server):
+    ctx, page = open_page(browser, server.url(host=INSECURE_HOST))
+    try:
+        page.wait_for_function("() => window.pistream.state === 'no picture'", timeout=10_000)
+        assert not page.evaluate("window.isSecureContext")
+        text = page.locator("#status").inner_text()
+        # It lets go of the stream it cannot show (the server has no viewer).
+        page.wait_for_function(VIEWERS_GONE, polling=100, timeout=5_000)
+        assert page.evaluate("window.pistream.connects") == 1
+        assert state(page, "frames", "codec") == [0, "h264"]
+        assert page.locator("#status").is_visible()
+    finally:
+        ctx.close()
+    assert text.startswith("No picture: this camera sends H.264"), text
+    assert "https" in text and "http://localhost" in text and "--codec mpeg1" in text, text
+
+
+NO_PROFILE = """
+VideoDecoder.isConfigSupported = (config) => Promise.resolve({supported: false, config});
+"""
+
+
+def test_a_browser_that_cannot_decode_the_profile_says_so(browser, server):
+    ctx, page = open_page(browser, server.url(), init=NO_PROFILE)
+    try:
+        page.wait_for_function("() => window.pistream.state === 'no picture'", timeout=10_000)
+        text = page.locator("#status").inner_text()
+        assert page.evaluate("window.pistream.frames") == 0
+    finally:
+        ctx.close()
+    assert text == ("No picture: this browser cannot decode this camera's H.264 "
+                    "(Constrained Baseline, level 1.3, avc1.42c00d). Start pistream with "
+                    "--codec mpeg1, or try another browser."), text
