@@ -506,8 +506,13 @@ class BroadcastService(TimerService):
         self.step = seconds
 
     def startService(self):
-        log.info("broadcast: the stream to WebSocket viewers, header {header}",
-                 header=self.fanout.header.hex())
+        header = self.fanout.header
+        if header is None:
+            log.info("broadcast: the stream to WebSocket viewers, its header once the "
+                     "stream describes itself")
+        else:
+            log.info("broadcast: the stream to WebSocket viewers, header {header}",
+                     header=header.hex())
         super().startService()
 
     def stopService(self):

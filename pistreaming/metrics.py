@@ -29,6 +29,22 @@ class StatsCollector:
         broadcast, viewers = s["broadcast"], s["viewers"]
         yield _gauge("pistream_uptime_seconds", "Seconds since the daemon started.",
                      s["uptime"])
+        yield _gauge("pistream_stream_info",
+                     "The stream's codec (mpeg1, h264) and, for H.264, its profile and "
+                     "level; the value is always 1.", 1,
+                     {"codec": stream["codec"], "profile": stream.get("profile") or "",
+                      "level": stream.get("level") or ""})
+        if stream["codec"] == "h264":
+            if stream["keyframe_interval"] is not None:
+                yield _gauge("pistream_keyframe_interval_seconds",
+                             "Seconds between the last two H.264 keyframes.",
+                             stream["keyframe_interval"])
+            yield _counter("pistream_keyframes", "H.264 keyframes (IDR pictures) sent.",
+                           stream["keyframes"])
+            yield _counter("pistream_access_units_dropped",
+                           "H.264 pictures dropped: corrupt, or before the stream's "
+                           "parameter sets or the next keyframe.",
+                           stream["access_units_dropped"])
         yield _gauge("pistream_viewers", "Viewers connected now.", viewers["count"])
         yield _counter("pistream_viewers_connected", "Viewers that have connected.",
                        viewers["total"])
@@ -53,8 +69,9 @@ class StatsCollector:
         dropped.add_metric(["encoder"], encoder["frames_dropped"])
         yield dropped
         yield _gauge("pistream_encoder_up",
-                     "1 while pictures come out of the encoder (ffmpeg); 0 while it "
-                     "starts, or stopped and is being restarted.", 1 if encoder["state"] == "ok" else 0)
+                     "1 while pictures come out of the encoder (ffmpeg, or the camera's "
+                     "own H.264 encoder); 0 while it starts, or stopped and is being "
+                     "restarted.", 1 if encoder["state"] == "ok" else 0)
         yield _counter("pistream_encoder_frames", "Frames written to ffmpeg.",
                        encoder["frames_in"])
         yield _counter("pistream_encoder_pictures", "Pictures ffmpeg encoded.",

@@ -3,7 +3,15 @@
     camera (thread) -> encoder (ffmpeg) -> broadcaster (WebSocket) -> viewers
 
 A V4L2 device or a video file has no camera thread: ffmpeg reads it itself.
+With C{--codec h264} the pictures go through an H.264 stage (parameter sets,
+keyframes) on their way to the broadcaster, and a camera with its own H.264
+encoder (picamera2, picamera) needs no ffmpeg at all:
+
+    camera's encoder (thread) -> H.264 stage -> broadcaster -> viewers
 """
+
+import json
+from types import SimpleNamespace
 
 from twisted.application import service
 from twisted.internet import error
@@ -17,6 +25,7 @@ from pistreaming.encoder import Encoder, ffmpeg_command
 from pistreaming.fanout import BroadcastService
 from pistreaming.admission import PendingConnections
 from pistreaming.frames import stream_header
+from pistreaming.h264 import H264Stream
 from pistreaming.hosts import HostPolicy
 from pistreaming.listening import listen_service, raise_file_limit
 from pistreaming.memory import Collector
@@ -45,34 +54,56 @@ class Pistream(service.MultiService):
         # address and overall (one count for both ports).
         self.hosts = HostPolicy(config.allow_hosts)
         self.pending = PendingConnections()
+        h264 = config.codec == "h264"
         self.factory = StreamFactory(
-            stream_header(config.width, config.height), reactor,
+            None if h264 else stream_header(config.width, config.height), reactor,
             # Half a second of video in the kernel, at most, per viewer.
             send_buffer=max(64 * 1024, second_of_video // 2),
             backlog_limit=config.backlog_bytes, stuck_timeout=config.viewer_timeout,
             authenticator=self.authenticator, allow_origins=config.allow_origins,
-            max_viewers=config.max_viewers, hosts=self.hosts, pending=self.pending)
+            max_viewers=config.max_viewers, hosts=self.hosts, pending=self.pending,
+            codec=config.codec, on_newcomer=self._newcomer if h264 else None)
         self.fanout = self.factory.fanout
         self.times = PictureTimes()
-        # A source ffmpeg reads itself says how; the others hand raw frames over.
-        video_input = source.ffmpeg_input() if hasattr(source, "ffmpeg_input") else None
-        filters = []
-        if config.annotate:
-            filters.append(drawtext_filter(config.annotate, config.font, config.height))
-        self.encoder = Encoder(
-            ffmpeg_command(config.ffmpeg, geometry, config.framerate, config.bitrate,
-                           video_input, filters),
-            self.fanout.broadcast, reactor, framerate=config.framerate,
-            timings=self.times.add, reads_stdin=video_input is None,
-            frame_size=geometry.frame_size, on_state=self._encoder_state,
-        )
+        self.h264 = None
+        self._keyframe_asked_at = None
+        if h264:
+            self.h264 = H264Stream(self.fanout.broadcast, self._h264_config,
+                                   config.keyframe_interval, reactor.seconds,
+                                   on_state=self._h264_state,
+                                   request_keyframe=self._request_keyframe)
+        self.encoder = None
         self.camera = None
-        if video_input is None:
-            self.camera = CameraService(source, geometry.frame_size, self.encoder.feed, reactor,
-                                        on_state=self._camera_state)
+        if h264 and getattr(source, "encodes_h264", False):
+            # The camera's own encoder: no ffmpeg, no raw frame in Python.
+            encoding = SimpleNamespace(bitrate=config.bitrate, framerate=config.framerate,
+                                       keyframe_interval=config.keyframe_interval,
+                                       profile="baseline")
+            self.camera = CameraService(source, geometry.frame_size, self._camera_picture,
+                                        reactor, on_state=self._camera_state, h264=encoding)
+        else:
+            # A source ffmpeg reads itself says how; the others hand raw frames over.
+            video_input = (source.ffmpeg_input(config.codec) if hasattr(source, "ffmpeg_input")
+                           else None)
+            filters = []
+            if config.annotate:
+                filters.append(drawtext_filter(config.annotate, config.font, config.height))
+            self.encoder = Encoder(
+                ffmpeg_command(config.ffmpeg, geometry, config.framerate, config.bitrate,
+                               video_input, filters, codec=config.codec,
+                               keyframe_interval=config.keyframe_interval),
+                self.h264.feed if h264 else self.fanout.broadcast, reactor,
+                framerate=config.framerate, timings=self.times.add,
+                reads_stdin=video_input is None, frame_size=geometry.frame_size,
+                on_state=self._encoder_state, codec=config.codec,
+            )
+            if video_input is None:
+                self.camera = CameraService(source, geometry.frame_size, self.encoder.feed,
+                                            reactor, on_state=self._camera_state)
         self.camera_reason = why
         self.stats = Stats(reactor, config, source, self.encoder, self.fanout, self.factory,
-                           camera=self.camera, pending=self.pending, times=self.times)
+                           camera=self.camera, pending=self.pending, times=self.times,
+                           h264=self.h264)
         self.site = make_site(config, self.factory, stats=self.stats, player=player,
                               authenticator=self.authenticator, reactor=reactor,
                               hosts=self.hosts, pending=self.pending)
@@ -86,7 +117,8 @@ class Pistream(service.MultiService):
             self.ws.setServiceParent(self)
         BroadcastService(self.fanout, reactor).setServiceParent(self)
         self.stats.setServiceParent(self)
-        self.encoder.setServiceParent(self)
+        if self.encoder is not None:
+            self.encoder.setServiceParent(self)
         if self.camera is not None:
             self.camera.setServiceParent(self)
         # Last: it freezes what the others are made of once they have started.
@@ -97,6 +129,40 @@ class Pistream(service.MultiService):
         # Viewers (the page) are told, so a stalled camera does not look like
         # a frozen picture.
         self.fanout.set_status(camera=state, why=why)
+
+    # H.264
+    def _camera_picture(self, data, keyframe, captured_at):
+        self.h264.feed(data, captured_at)
+
+    def _h264_config(self, stream):
+        # The stream's description: every viewer's first message, and sent
+        # again to all of them when it changes.
+        message = {"stream": stream.message(self.config.keyframe_interval)}
+        self.fanout.set_header(json.dumps(message).encode(), binary=False)
+        log.info("H.264 stream: {codecs} ({profile}, level {h264_level}), {width}x{height}",
+                 codecs=stream.codecs, profile=stream.profile, h264_level=stream.level,
+                 width=stream.width, height=stream.height)
+
+    def _h264_state(self, state, why):
+        # Pictures that cannot be decoded (corrupt, or no parameter sets):
+        # the page says so, as it does for a stalled camera.
+        self.fanout.set_status(video=state, why=why)
+
+    def _request_keyframe(self):
+        """Ask the camera's own encoder for a keyframe: a newcomer then has
+        a fresh one, and a viewer whose pictures were dropped gets one soon.
+        At most once a second; where the camera cannot (ffmpeg's libx264),
+        the keyframe kept for newcomers serves."""
+        if self.camera is None or not getattr(self.camera.source, "encodes_h264", False):
+            return False
+        now = self.reactor.seconds()
+        if self._keyframe_asked_at is not None and now - self._keyframe_asked_at < 1.0:
+            return False
+        self._keyframe_asked_at = now
+        return self.camera.request_keyframe()
+
+    def _newcomer(self):
+        self._request_keyframe()
 
     def _encoder_state(self, state, why):
         # A source that ffmpeg reads itself (a webcam, a file) fails as ffmpeg

@@ -114,7 +114,7 @@ class Stats(TimerService):
     name = "stats"
 
     def __init__(self, reactor, config, source, encoder, fanout, stream, camera=None,
-                 pending=None, times=None, sample_interval=1.0):
+                 pending=None, times=None, sample_interval=1.0, h264=None):
         """
         @param reactor: the clock.
         @param config: the L{pistreaming.options.Config} (size, rates set).
@@ -129,6 +129,10 @@ class Stats(TimerService):
             (connections refused), or None.
         @param times: the L{PictureTimes} the encoder reports to; None: a
             new one.
+        @param h264: the L{pistreaming.h264.H264Stream} the pictures go
+            through with C{--codec h264}, else None.  With C{encoder} None
+            (the camera's own encoder makes the H.264), the encoder's
+            figures are the camera's.
         """
         super().__init__(sample_interval, self._sample)
         self.clock = reactor
@@ -142,8 +146,13 @@ class Stats(TimerService):
         self.pending = pending
         self.times = times if times is not None else PictureTimes()
         self.started_at = reactor.seconds()
-        self.bitrate = Rate(lambda: encoder.bytes_out * 8)
-        self.framerate = Rate(lambda: encoder.pictures_out)
+        self.h264 = h264
+        if h264 is not None:
+            self.bitrate = Rate(lambda: h264.bytes * 8)
+            self.framerate = Rate(lambda: h264.access_units)
+        else:
+            self.bitrate = Rate(lambda: encoder.bytes_out * 8)
+            self.framerate = Rate(lambda: encoder.pictures_out)
 
     def startService(self):
         self.started_at = self.reactor.seconds()
@@ -172,38 +181,77 @@ class Stats(TimerService):
             "failures": camera.failures,
         }
 
+    def _encoder(self):
+        encoder, camera = self.encoder, self.camera
+        if encoder is None:
+            # The camera's own H.264 encoder: its pictures are the camera's.
+            captured = camera.frames_captured if camera is not None else 0
+            return {
+                "where": "camera",
+                "state": camera.state if camera is not None else "unavailable",
+                "why": getattr(camera, "why", ""),
+                "pid": None,
+                "restarts": camera.failures if camera is not None else 0,
+                "frames_in": captured,
+                "frames_dropped": 0,
+                "bytes_in": 0,
+                "bytes_out": self.h264.bytes if self.h264 is not None else 0,
+                "pictures_out": self.h264.access_units if self.h264 is not None else 0,
+            }
+        process = encoder.process
+        return {
+            "where": "ffmpeg",
+            "state": encoder.state,
+            "why": encoder.why,
+            "pid": process.transport.pid if process is not None else None,
+            "restarts": encoder.restarts,
+            "frames_in": encoder.frames_in,
+            "frames_dropped": encoder.frames_dropped,
+            "bytes_in": encoder.bytes_in,
+            "bytes_out": encoder.bytes_out,
+            "pictures_out": encoder.pictures_out,
+        }
+
+    def _h264(self):
+        """The H.264 stream's figures (none in MPEG-1)."""
+        h264 = self.h264
+        if h264 is None:
+            return {}
+        config = h264.config
+        return {
+            "codecs": config.codecs if config is not None else None,
+            "profile": config.profile if config is not None else None,
+            "level": config.level if config is not None else None,
+            "keyframe_interval_setting": self.config.keyframe_interval,
+            "keyframe_interval": (round(h264.measured_keyframe_interval, 3)
+                                  if h264.measured_keyframe_interval is not None else None),
+            "keyframes": h264.keyframes,
+            "access_units_dropped": sum(h264.dropped.values()),
+        }
+
     def gather(self, addresses=True):
         """The figures (see the module's docstring); with C{addresses}
         false, each viewer's address is "hidden"."""
         now = self.reactor.seconds()
         config = self.config
         camera, encoder, fanout, stream = self.camera, self.encoder, self.fanout, self.stream
-        process = encoder.process
         viewers = fanout.describe()
+        encoder_figures = self._encoder()
         return {
             "uptime": round(now - self.started_at, 3),
-            "stream": {
+            "stream": dict({
+                "codec": config.codec,
                 "width": config.width,
                 "height": config.height,
                 "framerate": float(config.framerate),
                 "bitrate_setting": config.bitrate,
                 "bitrate": round(self.bitrate.value()),
                 "fps": round(self.framerate.value(), 2),
-            },
+            }, **self._h264()),
             "camera": self._camera(),
-            "encoder": {
-                "state": encoder.state,
-                "why": encoder.why,
-                "pid": process.transport.pid if process is not None else None,
-                "restarts": encoder.restarts,
-                "frames_in": encoder.frames_in,
-                "frames_dropped": encoder.frames_dropped,
-                "bytes_in": encoder.bytes_in,
-                "bytes_out": encoder.bytes_out,
-                "pictures_out": encoder.pictures_out,
-            },
+            "encoder": encoder_figures,
             "frames_dropped_before_encoder": (camera.frames_dropped if camera else 0)
-            + encoder.frames_dropped,
+            + (encoder.frames_dropped if encoder is not None else 0),
             "latency_ms": {
                 "camera_to_encoder": self.times.camera_to_encoder.summary(now, 1000),
                 "encoder": self.times.in_encoder.summary(now, 1000),
