@@ -220,7 +220,7 @@ class FileSource(Source):
 
     name = "file"
 
-    def ffmpeg_input(self):
+    def ffmpeg_input(self, codec="mpeg1"):
         return ["-re", "-i", "/nonexistent/clip.mp4"], []
 
 
