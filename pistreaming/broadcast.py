@@ -193,7 +193,8 @@ class ViewerProtocol(WebSocketServerProtocol):
         self._heard = collections.deque()
         self._allowance = INCOMING_BURST
         self._allowance_at = now
-        self.via_http_port = came_through_http_port(self.transport, factory)
+        self.via_http_port = factory.handing_over or came_through_http_port(
+            self.transport, factory)
         pending = factory.pending
         if pending is None or self.via_http_port:
             return  # the HTTP port's channel counted it while it read the request
@@ -453,6 +454,10 @@ class StreamFactory(WebSocketServerFactory):
     allow_origins = ()
     #: At most this many viewers at once (0: no limit).
     max_viewers = 0
+
+    #: True while the HTTP port's /stream hands a connection over (the
+    #: protocol built then came through the HTTP port).
+    handing_over = False
 
     #: Which Host headers the handshake may carry (pistreaming.hosts).
     hosts = None

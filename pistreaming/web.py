@@ -222,6 +222,7 @@ class Stream(resource.Resource):
 
     def __init__(self, factory):
         super().__init__()
+        self.factory = factory
         self.websocket = WebSocketResource(factory)
 
     def render(self, request):
@@ -240,7 +241,13 @@ class Stream(resource.Resource):
         if versions != [b"13"]:
             request.setHeader(b"sec-websocket-version", b"13")
             return refuse(request, 426, b"426 WebSocket version 13 only\n")
-        return self.websocket.render(request)
+        # Autobahn builds the viewer's protocol within this call: it is told
+        # that the HTTP port is where its connection came from.
+        self.factory.handing_over = True
+        try:
+            return self.websocket.render(request)
+        finally:
+            self.factory.handing_over = False
 
 
 def refuse(request, code, body, allow=None):

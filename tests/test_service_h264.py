@@ -1,0 +1,162 @@
+"""The daemon with --codec h264, built in-process on a MemoryReactorClock:
+what viewers of /stream receive, newcomers in the middle of a group of
+pictures, a stream whose size changes, the stream's own port, the figures.
+
+ffmpeg does not run inside these tests: its output is real H.264 in MPEG-TS,
+made once by ffmpeg's libx264 for the module, and handed to the encoder's
+process protocol as ffmpeg would write it."""
+
+import json
+import subprocess
+
+import pytest
+
+from pistreaming.broadcast import H264_ON_WS_PORT
+from pistreaming.encoder import output_args
+from pistreaming.h264 import is_idr, nal_types, parse_message
+from tests.fakes.inmemory import Network
+from tests.test_service import ServiceCase, http
+
+SPS, PPS = 7, 8
+
+
+def libx264_ts(size, frames, gop):
+    """C{frames} pictures of a moving test picture at C{size}, as the
+    daemon's ffmpeg writes them (its own output arguments: libx264, SPS/PPS
+    before every IDR, MPEG-TS), with an IDR every C{gop} pictures."""
+    args = output_args(30, 800_000, codec="h264", keyframe_interval=gop / 30)
+    assert args[-1] == "pipe:1"
+    return subprocess.run(
+        ["ffmpeg", "-v", "error", "-f", "lavfi", "-i", f"testsrc2=size={size}:rate=30",
+         "-frames:v", str(frames), *args[:-1], "-"],
+        check=True, capture_output=True).stdout
+
+
+@pytest.fixture(scope="class")
+def streams(request):
+    request.cls.small = libx264_ts("320x240", 30, 10)
+    request.cls.large = libx264_ts("640x360", 10, 10)
+
+
+def packets(ts):
+    return [ts[i:i + 188] for i in range(0, len(ts), 188)]
+
+
+@pytest.mark.usefixtures("streams")
+class H264ServiceTests(ServiceCase):
+    def build_h264(self, *args):
+        service = self.build("--codec", "h264", "--framerate", "30", *args)
+        self.start()
+        self.ffmpeg = self.reactor.spawned[-1][0]
+        return service
+
+    def ffmpeg_writes(self, ts):
+        """ffmpeg writes C{ts} (whole pictures' packets)."""
+        self.ffmpeg.childDataReceived(1, ts)
+
+    def pictures(self, client):
+        return [parse_message(payload) for payload, binary in client.messages if binary]
+
+    def descriptions(self, client):
+        return [json.loads(payload)["stream"] for payload, binary in client.messages
+                if not binary and b'"stream"' in payload]
+
+    def test_ffmpeg_is_asked_for_h264_in_mpeg_ts(self):
+        self.build_h264("--keyframe-interval", "1.5")
+        _, executable, args, _ = self.reactor.spawned[-1]
+        assert "libx264" in args and "mpegts" in args
+        assert args[args.index("-g") + 1] == "45"  # 1.5 s at 30 fps
+
+    def test_a_viewer_gets_the_description_then_pictures_from_a_keyframe(self):
+        service = self.build_h264()
+        network = Network(service.site, self.reactor, port=8082)
+        early = network.connect(path="/stream")
+        assert early.client.messages == []  # nothing is known of the stream yet
+        self.ffmpeg_writes(self.small)
+        network.flush()
+        first = early.client.messages[0]
+        assert first[1] is False  # text: the description
+        (description,) = self.descriptions(early.client)
+        assert description["codec"] == "h264"
+        assert (description["width"], description["height"]) == (320, 240)
+        assert description["codecs"].startswith("avc1.42")
+        assert description["profile"] == "Constrained Baseline"
+        pictures = self.pictures(early.client)
+        assert len(pictures) == 30
+        assert pictures[0].keyframe and is_idr(pictures[0].access_unit)
+        assert [p.keyframe for p in pictures].count(True) == 3
+        for p in pictures:
+            assert p.keyframe == is_idr(p.access_unit)
+            if p.keyframe:  # a decoder can start here
+                assert {SPS, PPS} <= set(nal_types(p.access_unit))
+
+    def test_a_newcomer_in_mid_group_gets_the_keyframe_and_every_picture_since(self):
+        service = self.build_h264()
+        network = Network(service.site, self.reactor, port=8082)
+        all_packets = packets(self.small)
+        self.ffmpeg_writes(b"".join(all_packets[:len(all_packets) * 2 // 3]))
+        live = network.connect(path="/stream")
+        sent_so_far = service.h264.access_units
+        newcomer = self.pictures(live.client)
+        assert self.descriptions(live.client)
+        assert newcomer[0].keyframe
+        assert not any(p.keyframe for p in newcomer[1:])
+        # the keyframe of the current group and every picture since: live at once
+        assert 1 <= len(newcomer) <= 10
+        assert len(newcomer) == sent_so_far - 10 * ((sent_so_far - 1) // 10)
+        # each picture its own message, as it was sent live
+        assert all(nal_types(p.access_unit).count(9) <= 1 for p in newcomer)
+        self.ffmpeg_writes(b"".join(all_packets[len(all_packets) * 2 // 3:]))
+        network.flush()
+        assert len(self.pictures(live.client)) == len(newcomer) + 30 - sent_so_far
+
+    def test_a_new_size_is_described_again_and_viewers_restart_at_its_keyframe(self):
+        service = self.build_h264()
+        network = Network(service.site, self.reactor, port=8082)
+        viewer = network.connect(path="/stream")
+        self.ffmpeg_writes(self.small)
+        self.ffmpeg_writes(self.large)  # the camera came back at another size
+        network.flush()
+        sizes = [(d["width"], d["height"]) for d in self.descriptions(viewer.client)]
+        assert sizes == [(320, 240), (640, 360)]
+        # after the second description, the first picture is a keyframe
+        kinds = []
+        for payload, binary in viewer.client.messages:
+            kinds.append("description" if not binary else
+                         "key" if parse_message(payload).keyframe else "delta")
+        second = [i for i, k in enumerate(kinds) if k == "description"][1]
+        assert kinds[second + 1] == "key"
+        # and a newcomer now starts with the new size only
+        newcomer = network.connect(path="/stream")
+        assert [(d["width"], d["height"]) for d in self.descriptions(newcomer.client)] == [
+            (640, 360)]
+
+    def test_the_streams_own_port_closes_with_a_reason(self):
+        service = self.build_h264()
+        self.ffmpeg_writes(self.small)
+        viewer = Network(service.factory, self.reactor).connect()
+        assert [m for m, binary in viewer.client.messages if binary] == []
+        assert viewer.client.closed == (1008, H264_ON_WS_PORT.decode())
+        assert service.factory.turned_away == 1
+
+    def test_the_figures_say_codec_profile_level_and_keyframe_interval(self):
+        service = self.build_h264("--keyframe-interval", "0.5")
+        self.ffmpeg_writes(self.small)
+        figures = service.stats.gather()["stream"]
+        assert figures["codec"] == "h264"
+        assert figures["profile"] == "Constrained Baseline"
+        assert figures["level"] and figures["codecs"].startswith("avc1.")
+        assert figures["keyframe_interval_setting"] == 0.5
+        assert figures["keyframes"] == 3
+        answer = http(service.site, b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert b'pistream_stream_info{codec="h264"' in answer
+        assert b"pistream_keyframes_total 3.0" in answer
+
+    def test_mpeg1_is_untouched(self):
+        service = self.build()
+        self.start()
+        assert service.h264 is None
+        assert service.fanout.header[:4] == b"jsmp"
+        assert service.stats.gather()["stream"]["codec"] == "mpeg1"
+        assert "profile" not in service.stats.gather()["stream"]
+
