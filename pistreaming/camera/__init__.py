@@ -45,7 +45,9 @@ def choose_source(config, import_module=importlib.import_module):
         return TestPattern(picture), "asked for with --camera test"
     if camera.startswith("v4l2:"):
         try:
-            return v4l2.open_source(camera[len("v4l2:"):], picture), "asked for with --camera"
+            source = v4l2.open_source(camera[len("v4l2:"):], picture, codec=config.codec,
+                                      annotate=bool(config.annotate), ffmpeg=config.ffmpeg)
+            return source, "asked for with --camera"
         except v4l2.DeviceError as e:
             raise CameraUnavailable(f"--camera {camera}: {e}") from None
     if camera.startswith("file:"):
