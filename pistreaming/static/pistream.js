@@ -59,9 +59,16 @@
   // it and the oldest it has not given back went in more than MAX_LAG ms
   // ago.  (A newcomer's start, a whole group of pictures, arrives at once and
   // is decoded in tens of milliseconds: that is catching up, not falling
-  // behind.)  Behind, it gets no more pictures until the next keyframe.
+  // behind.)  Behind, the pictures waiting in it are dropped, and so is
+  // every picture until the next keyframe: the page shows live again from
+  // there, instead of playing out late what piled up.
   var MAX_QUEUED = 2;
   var MAX_LAG = 250;
+  // A decoded picture is not drawn when the next is already in the decoder
+  // and the decoder takes less than this (ms) a picture: it would be
+  // overtaken before the browser paints.
+  var OVERTAKEN_WITHIN = 8;
+  var MAX_FAILURES = 3;  // decoder errors in a row, with no picture in between
 
   var root = document.documentElement;
   var canvas = null;
@@ -75,9 +82,10 @@
     renderer: '', decoder: '',
     // The stream: 'mpeg1' or 'h264'; for H.264 the stream message's
     // settings, and what the page sees of it: keyframes, the time between
-    // the last two (s), pictures dropped to stay live, decoder resets.
+    // the last two (s), pictures dropped to stay live, decoder resets (and
+    // the last error), the decoder's time per picture (ms, a moving average).
     codec: '', stream: null, profile: '', level: '', keyframes: 0, keyframeInterval: null,
-    skipped: 0, resets: 0, error: '',
+    skipped: 0, resets: 0, error: '', decodeTime: null,
     // Why there is no picture, when the page cannot play the stream.
     notice: '',
     // When (performance.now()) the page got this far: the first time each.
@@ -316,6 +324,8 @@
     this.demuxer = null;
     state.codec = 'mpeg1';
     state.stream = null;
+    state.profile = state.level = '';
+    state.keyframeInterval = state.decodeTime = null;
     state.width = width;
     state.height = height;
     if (parts) { this.partsReady(); } else { waitingForParts.push(this); }
@@ -540,12 +550,15 @@
     this.configured = false;  // the decoder has the current stream's settings
     this.waitingForKey = true;
     this.starting = true;     // no picture drawn since the decoder (re)started
-    this.skipping = false;    // behind: no pictures until the next keyframe
+    this.skipping = false;    // fell behind: waiting for a keyframe to be live again
     this.held = [];           // from a keyframe on, while the decoder is being set up
     this.inflight = [];       // in the decoder: {timestamp, received, given, captured}
     this.timestamp = -1;      // the last chunk's
     this.lastKey = null;      // {captured, received} of the latest keyframe
     this.early = null;        // a picture decoded before the canvas was there
+    this.stream = null;
+    this.lastOutput = 0;      // when the decoder last gave a picture back
+    this.failures = 0;        // decoder errors since it last gave a picture back
     state.decoder = 'WebCodecs';
     this.configure(stream);
   }
@@ -560,8 +573,10 @@
   WebCodecsPlayer.prototype.configure = function (stream) {
     var self = this;
     var generation = ++this.generation;
-    var again = !!state.stream && state.frames > 0;
+    var again = this.stream !== null;
+    this.stream = stream;
     takeStream(stream);
+    state.keyframeInterval = null;
     this.configured = false;
     this.held = [];
     this.lastKey = null;
@@ -577,6 +592,7 @@
     checked.then(function (support) {
       if (generation !== self.generation || self.closed) { return; }
       if (!support.supported) { self.refuse(stream, ''); return; }
+      mark('configured');
       self.config = config;
       self.configured = true;
       self.newDecoder();
@@ -602,10 +618,11 @@
   };
 
   // Start decoding afresh at the next keyframe: what is in the decoder goes.
-  WebCodecsPlayer.prototype.restart = function () {
+  // (C{skipping}: the pictures until then are counted as skipped.)
+  WebCodecsPlayer.prototype.restart = function (skipping) {
     this.waitingForKey = true;
     this.starting = true;
-    this.skipping = false;
+    this.skipping = !!skipping;
     this.inflight = [];
     if (this.decoder && this.decoder.state === 'configured') {
       this.decoder.reset();  // (unconfigured: configure() comes before the next decode)
@@ -636,10 +653,16 @@
   };
 
   // The decoder failed (a damaged picture, say): a new one, from the next keyframe.
+  // (A decoder that fails again and again without giving a picture back
+  // cannot decode this stream after all.)
   WebCodecsPlayer.prototype.failed = function (error) {
     if (this.closed) { return; }
     state.resets += 1;
     state.error = String(error && error.message || error);
+    if (++this.failures > MAX_FAILURES) {
+      this.refuse(this.stream, state.error);
+      return;
+    }
     this.restart();
     this.newDecoder();
     show('picture damaged: waiting for a keyframe');
@@ -677,21 +700,29 @@
     this.lastKey = { captured: chunk.captured, received: chunk.received };
   };
 
+  // The pictures waiting in the decoder: its decodeQueueSize, or those given
+  // it and not given back but the one it is at, whichever is more.
+  WebCodecsPlayer.prototype.waiting = function () {
+    return Math.max(this.decoder.decodeQueueSize, this.inflight.length - 1);
+  };
+
   WebCodecsPlayer.prototype.behind = function () {
-    return this.decoder.decodeQueueSize > MAX_QUEUED && this.inflight.length > 0 &&
+    return this.waiting() > MAX_QUEUED &&
       performance.now() - this.inflight[0].given > MAX_LAG;
   };
 
   WebCodecsPlayer.prototype.decode = function (chunk) {
     if (this.waitingForKey) {
-      if (!chunk.key) { return; }
+      if (!chunk.key) {
+        if (this.skipping) { state.skipped += 1; }
+        return;
+      }
       this.waitingForKey = false;
-      if (this.decoder.state !== 'configured') { this.decoder.configure(this.config); }
-    } else if (chunk.key) {
       this.skipping = false;
-    } else if (this.skipping || this.behind()) {
-      this.skipping = true;
-      state.skipped += 1;
+      if (this.decoder.state !== 'configured') { this.decoder.configure(this.config); }
+    } else if (!chunk.key && this.behind()) {
+      state.skipped += 1 + this.waiting();
+      this.restart(true);
       return;
     }
     // Timestamps in the decoder go up: the capture time, unless it is unknown.
@@ -717,12 +748,18 @@
     }
     var received = entry ? entry.received : decoded;
     var captured = entry && entry.captured ? entry.captured / 1000 : null;
+    if (entry) {  // the decoder's time for this picture, from when it could begin it
+      var took = decoded - Math.max(entry.given, this.lastOutput);
+      state.decodeTime = state.decodeTime === null ? took : 0.8 * state.decodeTime + 0.2 * took;
+    }
+    this.lastOutput = decoded;
+    this.failures = 0;
     mark('decoded');
     state.frames += 1;
     meter.picture(received);
     var first = this.starting;
     this.starting = false;
-    if (!first && this.decoder.decodeQueueSize > 0) {
+    if (!first && this.inflight.length > 0 && state.decodeTime < OVERTAKEN_WITHIN) {
       state.overtaken += 1;  // the next picture is right behind it
       frame.close();
       return;
