@@ -163,6 +163,70 @@ def test_the_page_comes_back_by_itself_when_the_connection_is_cut(browser, serve
     finally:
         ctx.close()
     assert "reconnecting\u2026" in shown, shown
+    assert not any(text.startswith("stream changed") for text in shown), shown
+
+
+#: A decoder three times too slow for the stream: the browser's own, with
+#: each picture held back 100 ms before it goes in, one at a time (and its
+#: queue of those held, as decodeQueueSize).  Every picture's lag (ms from
+#: its arrival to its decoding) is kept in window.lags.
+SLOW_DECODER = """
+(() => {
+  const Real = window.VideoDecoder;
+  class SlowDecoder {
+    constructor(init) {
+      this.held = [];
+      this.busy = false;
+      this.generation = 0;
+      this.real = new Real({
+        output: (frame) => { this.busy = false; init.output(frame); this.next(); },
+        error: init.error,
+      });
+    }
+    get state() { return this.real.state; }
+    get decodeQueueSize() { return this.held.length; }
+    configure(config) { this.real.configure(config); }
+    decode(chunk) { this.held.push(chunk); this.next(); }
+    next() {
+      if (this.busy || !this.held.length) return;
+      this.busy = true;
+      const chunk = this.held.shift(), generation = this.generation;
+      setTimeout(() => { if (generation === this.generation) this.real.decode(chunk); }, 100);
+    }
+    reset() { this.generation++; this.held = []; this.busy = false; this.real.reset(); }
+    close() { this.generation++; this.held = []; this.real.close(); }
+    static isConfigSupported(config) { return Real.isConfigSupported(config); }
+  }
+  window.VideoDecoder = SlowDecoder;
+  window.lags = [];
+  let value;
+  Object.defineProperty(window, 'pistream', {
+    configurable: true,
+    get() { return value; },
+    set(v) { value = v; v.onpicture = (p) => window.lags.push(p.decoded - p.received); },
+  });
+})();
+"""
+
+
+def test_a_decoder_that_falls_behind_skips_to_the_next_keyframe(browser, server):
+    """It gets no more pictures until the next keyframe once it is behind:
+    what it shows stays within a second of what arrived, group after group
+    (without the skipping, it would grow by four seconds a group)."""
+    ctx, page = open_page(browser, server.url(), init=SLOW_DECODER)
+    try:
+        wait_for_drawn(page, 0)
+        keyframes = page.evaluate("window.pistream.keyframes")
+        page.wait_for_function(f"() => window.pistream.keyframes >= {keyframes + 2}",
+                               timeout=10_000)
+        drawn = page.evaluate("window.pistream.drawn")
+        wait_for_drawn(page, drawn + 2, timeout=5_000)  # after the latest keyframe too
+        skipped, resets = state(page, "skipped", "resets")
+        lags = page.evaluate("window.lags")
+    finally:
+        ctx.close()
+    assert skipped > 20 and resets == 0, (skipped, resets)
+    assert max(lags) < 1000, lags
 
 
 #: document.hidden as a hidden tab has it (headless pages are never hidden).
@@ -225,3 +289,21 @@ def test_a_browser_that_cannot_decode_the_profile_says_so(browser, server):
     assert text == ("No picture: this browser cannot decode this camera's H.264 "
                     "(Constrained Baseline, level 1.3, avc1.42c00d). Start pistream with "
                     "--codec mpeg1, or try another browser."), text
+
+
+def test_the_mpeg1_page_names_its_codec_and_decoder_too(browser, default_daemon):
+    """The daemon's MPEG-1 stream still plays (its first message is the jsmp
+    header), and the overlay says what plays it."""
+    ctx, page = open_page(browser, default_daemon.base_url + "#stats")
+    try:
+        wait_for_pictures(page, 10)
+        page.wait_for_function("() => window.pistream.decoder === 'wasm'", timeout=10_000)
+        page.wait_for_function(
+            "() => /WebAssembly/.test(document.getElementById('overlay').textContent)",
+            timeout=5_000)
+        lines = page.locator("#overlay").inner_text().splitlines()
+        assert state(page, "codec", "stream", "state") == ["mpeg1", None, "playing"]
+    finally:
+        ctx.close()
+    assert lines[0] == "640\u00d7480"
+    assert lines[4:] == ["MPEG-1", "JSMpeg (WebAssembly)"], lines
