@@ -229,6 +229,54 @@ def test_a_decoder_that_falls_behind_skips_to_the_next_keyframe(browser, server)
     assert max(lags) < 1000, lags
 
 
+#: Every picture drawn, as [when, how old (ms since its capture)], in
+#: window.drawnAt.
+DRAWN_AT = """
+(() => {
+  window.drawnAt = [];
+  window.resumedAt = null;
+  let value;
+  Object.defineProperty(window, 'pistream', {
+    configurable: true,
+    get() { return value; },
+    set(v) {
+      value = v;
+      v.onpicture = (p) => window.drawnAt.push([p.drawn, Date.now() - p.captured]);
+    },
+  });
+})();
+"""
+
+#: The page's main thread busy for C{ms} (a busy machine): nothing of the
+#: page runs meanwhile.  When it is free again is kept in window.resumedAt.
+BUSY = """(ms) => {
+  const end = performance.now() + ms;
+  while (performance.now() < end) { /* busy */ }
+  window.resumedAt = performance.now();
+}"""
+
+#: Whether, since the page was resumed, a picture less than 100 ms old was drawn.
+LIVE_AGAIN = """() => window.resumedAt !== null &&
+  window.drawnAt.some(([t, age]) => t > window.resumedAt && age < 100)"""
+
+
+def test_after_a_stall_the_page_is_live_again_at_once(browser, server):
+    """A page that could not run for 2.5 s (a busy machine) gets what piled
+    up at once when it can, a keyframe among it: it shows a live picture
+    within half a second, not the backlog played out."""
+    ctx, page = open_page(browser, server.url(), init=DRAWN_AT)
+    try:
+        wait_for_drawn(page, 10)
+        page.evaluate(BUSY, 2500)
+        page.wait_for_function(LIVE_AGAIN, timeout=5_000)
+        live = page.evaluate("window.drawnAt.find(([t, age]) => t > window.resumedAt && "
+                             "age < 100)[0] - window.resumedAt")
+        assert page.evaluate("window.pistream.resets") == 0
+    finally:
+        ctx.close()
+    assert live < 500, live
+
+
 #: document.hidden as a hidden tab has it (headless pages are never hidden).
 HIDE = """(hidden) => {
   Object.defineProperty(document, 'hidden', { configurable: true, get: () => hidden });

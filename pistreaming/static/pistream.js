@@ -61,7 +61,8 @@
   // is decoded in tens of milliseconds: that is catching up, not falling
   // behind.)  Behind, the pictures waiting in it are dropped, and so is
   // every picture until the next keyframe: the page shows live again from
-  // there, instead of playing out late what piled up.
+  // there, instead of playing out late what piled up.  A keyframe, too,
+  // goes in ahead of any picture still waiting.
   var MAX_QUEUED = 2;
   var MAX_LAG = 250;
   // A decoded picture is not drawn when the next is already in the decoder
@@ -538,9 +539,10 @@
   // it reads SPS and PPS from the keyframes.  It starts at a keyframe, again
   // after an error or a change of settings (a new stream message).  Each
   // picture is drawn as the decoder gives it back, and closed: none is kept,
-  // except one that comes before the page's canvas is there.  While more
-  // pictures are in the decoder (a newcomer's start, a burst after a stall)
-  // the ones overtaken are not drawn, except the first of a start.
+  // except one that comes before the page's canvas is there.  A picture
+  // whose successor is already in the decoder and due within milliseconds
+  // (a newcomer's start, a burst after a stall) is not drawn: it would be
+  // overtaken before the browser paints.  The first of a start always is.
   function WebCodecsPlayer(connection, stream) {
     this.connection = connection;
     this.closed = false;
@@ -707,20 +709,24 @@
   };
 
   WebCodecsPlayer.prototype.behind = function () {
-    return this.waiting() > MAX_QUEUED &&
+    return this.waiting() > MAX_QUEUED && this.inflight.length > 0 &&
       performance.now() - this.inflight[0].given > MAX_LAG;
   };
 
   WebCodecsPlayer.prototype.decode = function (chunk) {
-    if (this.waitingForKey) {
-      if (!chunk.key) {
-        if (this.skipping) { state.skipped += 1; }
-        return;
+    if (chunk.key) {
+      if (!this.waitingForKey && this.waiting() > 0) {
+        // What still waits in the decoder would be overtaken by this picture.
+        state.skipped += this.waiting();
+        this.restart();
       }
       this.waitingForKey = false;
       this.skipping = false;
       if (this.decoder.state !== 'configured') { this.decoder.configure(this.config); }
-    } else if (!chunk.key && this.behind()) {
+    } else if (this.waitingForKey) {
+      if (this.skipping) { state.skipped += 1; }
+      return;
+    } else if (this.behind()) {
       state.skipped += 1 + this.waiting();
       this.restart(true);
       return;
