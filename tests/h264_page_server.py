@@ -83,7 +83,7 @@ def clip_units(path):
 
 
 class Clip:
-    """One prepared stream: its access units, its name ("WxH") and codecs."""
+    """One prepared stream: its access units and its name ("WxH")."""
 
     def __init__(self, path):
         self.units = clip_units(path)
@@ -93,7 +93,6 @@ class Clip:
         config = h264.Config(next(n for n in nals if n[0] & 0x1F == h264.SPS),
                              next(n for n in nals if n[0] & 0x1F == h264.PPS))
         self.name = f"{config.width}x{config.height}"
-        self.codecs = config.codecs
 
 
 def damaged(access_unit, seed=14):
