@@ -22,7 +22,7 @@ from pistreaming.options import Config
 from tests.daemon import Daemon
 from tests.fake_picamera2 import (
     JUNK, QUADRANTS, Rig, flipped, frame_number, scene, yuv420_buffer)
-from tests.helpers import wait_until, with_timeout
+from tests.helpers import Arrivals, Events, with_timeout
 from tests.test_stream import collect, connect, decode_last_picture, read_header
 
 
@@ -214,8 +214,27 @@ def test_capture_array_and_capture_request_give_the_same_frames_as_capture_buffe
         camera.close()
 
 
+class AskingRig(Rig):
+    """A Rig that says (C{asked}, an Event) when its C{count}th capture is asked for."""
+
+    def __init__(self, count, **kwargs):
+        self.count = count
+        self.asked = threading.Event()
+        super().__init__(**kwargs)
+
+    @property
+    def captures_asked(self):
+        return self._captures_asked
+
+    @captures_asked.setter
+    def captures_asked(self, number):
+        self._captures_asked = number
+        if number >= self.count:
+            self.asked.set()
+
+
 def test_stop_is_prompt_even_when_the_camera_stops_delivering():
-    rig = Rig()
+    rig = AskingRig(4)
     rig.stall_after = 3
     source = Picamera2Source(rig.picamera2, rig.libcamera, Picture(320, 240, 30))
     stopping = threading.Event()
@@ -224,13 +243,13 @@ def test_stop_is_prompt_even_when_the_camera_stops_delivering():
     thread.start()
     # The camera has given its 3 frames and the source waits on a 4th that
     # never comes (asked for, while the camera is silent).
-    deadline = time.monotonic() + 5
-    while not (len(out.frames) == 3 and rig.captures_asked >= 4) and time.monotonic() < deadline:
-        time.sleep(0.005)  # a thread's progress, polled (bounded)
-    assert len(out.frames) == 3
-    started = time.monotonic()
-    stopping.set()
-    thread.join(2)
+    try:
+        assert rig.asked.wait(5), "no 4th capture asked for"
+        assert len(out.frames) == 3
+        started = time.monotonic()
+    finally:
+        stopping.set()  # (a failed check above must not leave the thread running)
+        thread.join(2)
     assert not thread.is_alive()
     assert time.monotonic() - started < source.poll_interval + 0.5
     assert rig.open == set() and rig.closed == 1
@@ -273,16 +292,20 @@ class ServiceTests(unittest.TestCase):
         rig = Rig()
         rig.fail_after = 5
         source = Picamera2Source(rig.picamera2, rig.libcamera, Picture(320, 240, 30))
-        got = []
+        events = Events()
+        got = Arrivals(events)
+        states = Arrivals(events)
         service = CameraService(source, FrameGeometry(320, 240).frame_size,
-                                lambda frame, captured_at: got.append(frame), reactor)
+                                lambda frame, captured_at: got.append(frame), reactor,
+                                on_state=lambda state, why: states.append(state))
         service.retry_delays = (0.1,)
         service.startService()
         try:
-            yield wait_until(lambda: service.failures >= 1, 10, what="a camera failure")
+            yield states.until(lambda: "unavailable" in states, 10, "a camera failure")
+            assert service.failures >= 1
             rig.fail_after = None
             before = len(got)
-            yield wait_until(lambda: len(got) >= before + 10, 10, what="frames after the retry")
+            yield got.until(lambda: len(got) >= before + 10, 10, "frames after the retry")
         finally:
             yield with_timeout(service.stopService(), 5, "camera service stop")
         assert rig.opened >= 2 and rig.open == set()
