@@ -12,6 +12,7 @@ import errno
 import fcntl
 import glob
 import os
+import select
 import signal
 import struct
 import subprocess
@@ -29,7 +30,7 @@ from pistreaming.encoder import Encoder, ffmpeg_command, output_args
 from pistreaming.frames import FrameGeometry
 from pistreaming.options import Config, find_ffmpeg
 from tests.daemon import ROOT, Daemon, twistd_command
-from tests.helpers import wait_until, with_timeout
+from tests.helpers import Arrivals, with_timeout
 from tests.test_stream import collect, connect, decoded_frames, read_header
 
 FFMPEG = find_ffmpeg("ffmpeg")
@@ -227,9 +228,13 @@ class FailingDeviceTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_ffmpegs_complaint_about_the_device_is_logged(self):
-        events = []
+        events = Arrivals()
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
+
+        def failures():
+            return [e for e in events if "how" in e and "stderr" in e]
+
         source = webcam_source()
         args, filters = source.ffmpeg_input()
         args[args.index("/dev/video2")] = os.devnull  # a "device" that fails like a gone one
@@ -238,13 +243,13 @@ class FailingDeviceTests(unittest.TestCase):
         encoder.first_restart_delay = 0.05
         encoder.startService()
         try:
-            yield wait_until(lambda: encoder.restarts >= 2, 10, what="two restarts")
+            yield events.until(lambda: len(failures()) >= 2, 10, "ffmpeg to fail twice")
         finally:
             yield with_timeout(encoder.stopService(), 3, "encoder stop")
-        failures = [e for e in events if "how" in e and "stderr" in e]
-        assert failures[0]["how"] == "exited with code 1"
-        assert "VIDIOC_QUERYCAP" in failures[0]["stderr"]
-        assert "Inappropriate ioctl for device" in failures[0]["stderr"]
+        assert encoder.restarts >= 2
+        assert failures()[0]["how"] == "exited with code 1"
+        assert "VIDIOC_QUERYCAP" in failures()[0]["stderr"]
+        assert "Inappropriate ioctl for device" in failures()[0]["stderr"]
 
 
 # -- a real V4L2 device: v4l2loopback, fed by ffmpeg ---------------------------------
@@ -275,30 +280,46 @@ needs_loopback = pytest.mark.skipif(
                          "covers the ffmpeg-reads-it path end to end")
 
 
+def wrote_a_frame(ffmpeg, seconds):
+    """Whether C{ffmpeg} (run with C{-progress pipe:1}) reports, within
+    C{seconds}, a frame written to its output: its first progress report
+    comes right after its first frame."""
+    deadline = time.monotonic() + seconds
+    out = ffmpeg.stdout.fileno()
+    pending = b""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([out], [], [], left)[0]:
+            return False
+        data = os.read(out, 4096)
+        if not data:
+            return False  # ffmpeg ended
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            if line.startswith(b"frame=") and int(line[6:] or 0) >= 1:
+                return True
+
+
 @pytest.fixture
 def fed_loopback():
-    """A v4l2loopback device that ffmpeg feeds with a 640x480 30 fps test picture."""
+    """A v4l2loopback device that ffmpeg feeds with a 640x480 30 fps test
+    picture, from ffmpeg's first frame on (its progress report says when)."""
     device = LOOPBACK[0]
     producer = subprocess.Popen(
-        [FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error", "-re",
+        [FFMPEG, "-hide_banner", "-nostdin", "-loglevel", "error", "-nostats",
+         "-progress", "pipe:1", "-re",
          "-f", "lavfi", "-i", "testsrc=size=640x480:rate=30",
          "-pix_fmt", "yuyv422", "-f", "v4l2", device],
-        stdin=subprocess.DEVNULL, start_new_session=True)
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True)
     try:
-        deadline = time.monotonic() + 10
-        while True:  # until the device offers what the producer feeds it
-            try:
-                info = v4l2.query_device(device)
-                if v4l2.choose_format(info, 640, 480, 30):
-                    break
-            except v4l2.DeviceError:
-                pass
-            assert time.monotonic() < deadline, f"{device} offers no 640x480 at 30 fps"
-            time.sleep(0.1)
+        assert wrote_a_frame(producer, 10), f"ffmpeg wrote no frame to {device}"
+        # The device offers what the producer feeds it.
+        assert v4l2.choose_format(v4l2.query_device(device), 640, 480, 30)
         yield device
     finally:
         os.killpg(producer.pid, signal.SIGTERM)
         producer.wait(10)
+        producer.stdout.close()
 
 
 @needs_loopback
