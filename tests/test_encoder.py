@@ -7,6 +7,7 @@ import fcntl
 import os
 import random
 import signal
+import threading
 
 from twisted.internet import defer, reactor
 from twisted.internet.error import ProcessDone, ProcessTerminated
@@ -21,7 +22,7 @@ from pistreaming.frames import FrameGeometry
 from pistreaming.options import find_ffmpeg
 from pistreaming.mpegts import Chunk
 from tests.fakes.inmemory import SpawningReactor
-from tests.helpers import wait_until, with_timeout
+from tests.helpers import Arrivals, Events, with_timeout
 
 FFMPEG = find_ffmpeg("ffmpeg")
 
@@ -91,14 +92,35 @@ def frames(geometry, count):
     return pictures
 
 
-def stopped(pid):
-    """Whether every thread of C{pid} has stopped (a signal takes effect when
-    the thread next runs: a read it was in finishes first)."""
-    states = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/stat") as f:
-            states.append(f.read().rsplit(")", 1)[1].split()[0])
-    return all(state in ("T", "t") for state in states)
+def stopped(pid, timeout):
+    """A Deferred that fires once every thread of our child C{pid} has
+    stopped (SIGSTOP takes effect when each thread next runs: a read it was
+    in finishes first), as the kernel tells its parent (waitid, on a thread
+    of its own); it fails after C{timeout} seconds."""
+    d = defer.Deferred()
+
+    def wait():
+        try:
+            os.waitid(os.P_PID, pid, os.WSTOPPED | os.WNOWAIT)
+        except OSError as e:
+            reactor.callFromThread(d.errback, e)
+        else:
+            reactor.callFromThread(d.callback, None)
+
+    threading.Thread(target=wait, name="waitid", daemon=True).start()
+    return with_timeout(d, timeout, f"ffmpeg (pid {pid}) to stop")
+
+
+def on_resume(proto, events):
+    """Tells C{events} each time the transport resumes C{proto}, the
+    producer of ffmpeg's stdin (it has handed the last frame to the pipe)."""
+    real = proto.resumeProducing
+
+    def resumeProducing():
+        real()
+        events.notify()
+
+    proto.resumeProducing = resumeProducing
 
 
 def process_exists(pid):
@@ -110,14 +132,15 @@ def process_exists(pid):
 
 
 class EncoderTests(unittest.TestCase):
-    """Real ffmpeg.  Waits are conditions with bounds, checked every few
-    milliseconds; the stop schedule itself is tested on a Clock below."""
+    """Real ffmpeg.  Each wait resumes when what it waits for happens (ffmpeg's
+    output, stdin's producer resumed, ffmpeg stopped), bounded; the stop
+    schedule itself is tested on a Clock below."""
 
     timeout = 60
 
     def setUp(self):
         self.geometry = FrameGeometry(320, 240)
-        self.chunks = []
+        self.chunks = Arrivals()
         self.encoder = Encoder(
             ffmpeg_command(FFMPEG, self.geometry, 24, 400_000),
             lambda chunk: self.chunks.append(chunk.data), reactor, framerate=24,
@@ -136,16 +159,18 @@ class EncoderTests(unittest.TestCase):
             return with_timeout(self.encoder.stopService(), 5, "encoder stop")
 
     def feed_until_output(self, timeout=10):
-        """Offer a frame every 5 ms (ffmpeg takes one when it has read the
-        last) until ffmpeg has produced some output."""
+        """Offer a frame (ffmpeg takes it if it has read the last), and wait
+        for ffmpeg's next output: each picture comes out on its own."""
         before = len(self.chunks)
-        frames = iter(self.frames * 1000)
+        self.encoder.feed(self.frames[0])
+        return self.chunks.until(lambda: len(self.chunks) > before, timeout, "encoded output")
 
-        def more():
-            self.encoder.feed(next(frames))
-            return len(self.chunks) > before
-
-        return wait_until(more, timeout, interval=0.005, what="encoded output")
+    def all_out(self, timeout=5):
+        """Wait until every frame fed so far has come out as a picture: ffmpeg
+        has read them all, so the transport has handed them all to the pipe
+        (and resumed its producer) before."""
+        return self.chunks.until(lambda: self.encoder.pictures_out == self.encoder.frames_in,
+                                 timeout, "every frame fed so far to come out")
 
     @defer.inlineCallbacks
     def test_frames_come_out_as_mpeg_ts(self):
@@ -161,19 +186,17 @@ class EncoderTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_each_picture_comes_out_without_waiting_for_the_next_frame(self):
         yield self.feed_until_output()
-        yield wait_until(lambda: self.encoder.pictures_out == self.encoder.frames_in, 5,
-                         interval=0.005, what="every frame fed so far to come out")
+        yield self.all_out()
         for number in range(5):
             before = self.encoder.pictures_out
-            yield wait_until(lambda: not self.encoder.process.paused, 5, interval=0.005,
-                             what="ffmpeg ready for a frame")
+            assert not self.encoder.process.paused  # ready for a frame
             taken = self.encoder.frames_in
             self.encoder.feed(self.frames[number])
             assert self.encoder.frames_in == taken + 1
             # Nothing else is fed: ffmpeg must not hold the picture back
             # until the next frame arrives (MPEG-1's low_delay).
-            yield wait_until(lambda: self.encoder.pictures_out == before + 1, 5,
-                             interval=0.005, what=f"picture {number} out on its own")
+            yield self.chunks.until(lambda: self.encoder.pictures_out == before + 1, 5,
+                                    f"picture {number} out on its own")
 
     @defer.inlineCallbacks
     def test_frames_are_dropped_not_queued_while_ffmpeg_is_stuck(self):
@@ -205,17 +228,18 @@ class EncoderTests(unittest.TestCase):
         yield self.feed_until_output()
         process = self.encoder.process
         pipe = process.transport.pipes[0].fileno()
-        yield wait_until(lambda: not process.paused and encoder.unread(pipe) == 0, 5,
-                         interval=0.005, what="ffmpeg to have read every frame")
+        yield self.all_out()
+        assert not process.paused and encoder.unread(pipe) == 0  # ffmpeg read every frame
+        resumed = Events()
+        on_resume(process, resumed)
         pid = process.transport.pid
         os.kill(pid, signal.SIGSTOP)
-        yield wait_until(lambda: stopped(pid), 5, interval=0.005, what="ffmpeg to stop")
+        yield stopped(pid, 5)
         try:
             taken = self.encoder.frames_in
             self.encoder.feed(self.frames[0])
             assert self.encoder.frames_in - taken == 1
-            yield wait_until(lambda: not self.encoder.process.paused, 5, interval=0.005,
-                             what="the frame in the pipe")
+            yield resumed.until(lambda: not process.paused, 5, "the frame in the pipe")
             for frame in self.frames:
                 self.encoder.feed(frame)
             assert self.encoder.frames_in - taken == 1
@@ -240,8 +264,8 @@ class EncoderTests(unittest.TestCase):
         # no signal comes for a minute: only the end of its input can end it
         self.encoder.term_after, self.encoder.kill_after = 60, 61
         # a frame on its way to ffmpeg when the daemon stops, as is usual
-        yield wait_until(lambda: not self.encoder.process.paused, 5, interval=0.005,
-                         what="ffmpeg ready for a frame")
+        yield self.all_out()
+        assert not self.encoder.process.paused  # ready for a frame
         taken = self.encoder.frames_in
         self.encoder.feed(self.frames[0])
         assert self.encoder.frames_in == taken + 1
@@ -274,15 +298,15 @@ class SelfReadingEncoderTests(unittest.TestCase):
     @defer.inlineCallbacks
     def test_output_without_feeding_and_a_prompt_stop(self):
         geometry = FrameGeometry(320, 240)
-        chunks = []
+        chunks = Arrivals()
         source = (["-re", "-f", "lavfi", "-i", "testsrc=size=320x240:rate=25"], ["null"])
         encoder = Encoder(ffmpeg_command(FFMPEG, geometry, 25, 400_000, source),
                           lambda chunk: chunks.append(chunk.data), reactor,
                           framerate=25, reads_stdin=False)
         encoder.startService()
         self.addCleanup(lambda: encoder.running and encoder.stopService())
-        yield wait_until(lambda: b"\x00\x00\x01\xb3" in b"".join(chunks), 10,
-                         interval=0.005, what="encoded output")
+        yield chunks.until(lambda: b"\x00\x00\x01\xb3" in b"".join(chunks), 10,
+                           "encoded output")
         pid = encoder.process.transport.pid
         # SIGKILL would come only after kill_after: SIGTERM (sent at once)
         # must be what ends it.
