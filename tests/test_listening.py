@@ -1,7 +1,9 @@
 """Listening through a shortage of file descriptors (pistreaming.listening):
-a server in a subprocess with a low descriptor limit, real sockets on
-127.0.0.1, every wait bounded."""
+a port on a Clock, with the kernel's descriptors and queue played by the
+test; then a server in a subprocess with a low descriptor limit, real
+sockets on 127.0.0.1, every wait bounded and ended by what the server says."""
 
+import errno
 import os
 import select
 import socket
@@ -10,8 +12,147 @@ import sys
 import time
 
 import pytest
+from twisted.internet.protocol import Factory
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial import unittest
 
+from pistreaming import listening
 from tests.daemon import ROOT
+
+#: A moment, exact in binary (so that times add up to the delays exactly).
+TICK = 1 / 1024
+
+
+class Kernel:
+    """The process's free descriptors and the listening socket's queue, as
+    accept() sees them: it takes a descriptor first (EMFILE when none is
+    left, even with connections waiting), then a waiting connection (EAGAIN
+    when there is none)."""
+
+    def __init__(self, free):
+        self.free = free
+        self.waiting = 0
+        self.accepts = 0
+
+    def descriptor(self):
+        if self.free == 0:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        self.free -= 1
+        return Descriptor(self)
+
+    def open(self, path, mode="r"):
+        """What the port opens its spare descriptor with."""
+        return self.descriptor()
+
+    def accept(self):
+        """The listening socket's."""
+        self.accepts += 1
+        taken = self.descriptor()
+        if not self.waiting:
+            taken.close()
+            raise OSError(errno.EAGAIN, os.strerror(errno.EAGAIN))
+        self.waiting -= 1
+        return taken, ("127.0.0.1", 40000 + self.accepts)
+
+
+class Descriptor:
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.closed = False
+
+    def close(self):
+        if not self.closed:
+            self.closed = True
+            self.kernel.free += 1
+
+
+class NoProtocols(Factory):
+    """Accepted connections are closed at once (buildProtocol gives None)."""
+
+    def buildProtocol(self, addr):
+        return None
+
+
+class PortOnAClock(unittest.TestCase):
+    """L{listening.Port}'s answers to a shortage, and their timing."""
+
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.logged = []
+        observer = lambda event: event.get("log_namespace") == listening.__name__ \
+            and self.logged.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def listen(self, free):
+        """A port listening (as startListening leaves it) with C{free}
+        descriptors left, before its spare takes one."""
+        kernel = Kernel(free)
+        listening.open = kernel.open  # what the module's open() finds first
+        self.addCleanup(delattr, listening, "open")
+        port = listening.Port(8082, NoProtocols(), 50, "127.0.0.1", self.clock)
+        port.socket = kernel
+        port.connected = True
+        port._realPortNumber = 8082
+        port.numberAccepts = 100
+        port._reserve()
+        port.startReading()
+        return port, kernel
+
+    def test_out_of_descriptors_the_waiting_are_dropped_and_that_is_said_once(self):
+        port, kernel = self.listen(free=1)
+        assert kernel.free == 0  # the spare took the last one
+        kernel.waiting = 5
+        port.doRead()
+        # The spare let go of, the 5 taken off the queue and closed, the spare back.
+        assert (kernel.waiting, kernel.free, port.dropped) == (0, 0, 5)
+        assert port.exhausted and port in self.clock.readers
+        kernel.waiting = 3
+        self.clock.advance(0.25)
+        port.doRead()
+        assert (kernel.waiting, kernel.free, port.dropped) == (0, 0, 8)
+        assert self.logged == [
+            "out of file descriptors (EMFILE) on port 8082: new connections are closed "
+            "unanswered until some are free"]
+        # A round each time, not a spin: the accept that fails, one for each
+        # connection dropped, one that finds the queue empty.
+        assert kernel.accepts == (1 + 5 + 1) + (1 + 3 + 1)
+
+    def test_when_nothing_can_be_freed_it_stops_accepting_for_a_moment_not_spins(self):
+        port, kernel = self.listen(free=0)  # not even a spare
+        kernel.waiting = 2
+        port.doRead()
+        assert kernel.accepts == 1 and kernel.waiting == 2
+        assert port not in self.clock.readers
+        self.clock.advance(listening.PAUSE - TICK)
+        assert port not in self.clock.readers
+        self.clock.advance(TICK)
+        assert port in self.clock.readers
+        assert len(self.logged) == 1
+
+    def test_accepting_again_is_said_once_the_shortage_has_been_over_a_while(self):
+        port, kernel = self.listen(free=1)
+        kernel.waiting = 4
+        port.doRead()  # short at 0
+        assert port.dropped == 4
+        self.clock.advance(0.5)
+        kernel.free = 3  # connections served before have ended
+        kernel.waiting = 1
+        port.doRead()  # accepted at 0.5: said at 2.5, if nothing runs short meanwhile
+        self.clock.advance(0.5)
+        kernel.free, kernel.waiting = 0, 2
+        port.doRead()  # short again at 1.0: said at 3.0
+        assert port.dropped == 6
+        kernel.free = 3
+        self.clock.advance(listening.RECOVERED_AFTER - TICK)
+        assert len(self.logged) == 1 and port.exhausted
+        self.clock.advance(TICK)
+        assert self.logged[1:] == [
+            "accepting connections again on port 8082 (6 closed unanswered while out of "
+            "file descriptors)"]
+        assert not port.exhausted and port.dropped == 0
+        assert not self.clock.getDelayedCalls()
 
 SERVER = r"""
 import os, resource, sys
@@ -29,10 +170,27 @@ if sys.argv[1] == "raise":
 # Room for what is open now and a few connections more.
 resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 12, hard))
 
+import socket
+from pistreaming import listening
+# The delay before "accepting connections again" is tested on a Clock.
+listening.RECOVERED_AFTER = 0.2
+real_accept = socket.socket.accept
+
+
+def accept(sock):
+    print("ACCEPT", flush=True)  # written before the connection is closed
+    return real_accept(sock)
+
+
+socket.socket.accept = accept
+
 
 class Hello(protocol.Protocol):
     def connectionMade(self):
         self.transport.write(b"hello\n")
+
+    def connectionLost(self, reason):
+        print("LOST", flush=True)  # its descriptor has been closed
 
 
 service = listen_service("tcp:0:interface=127.0.0.1", protocol.Factory.forProtocol(Hello),
@@ -52,29 +210,44 @@ class Server:
         self.lines = []
         self.partial = b""
 
-    def read(self, until, seconds=10):
-        """Log lines until one contains C{until} (or the time is up)."""
-        deadline = time.monotonic() + seconds
+    def _take(self, seconds):
+        """Lines the server writes within C{seconds} (0: what is there now);
+        False once it has closed its output."""
         out = self.process.stdout.fileno()
-        while time.monotonic() < deadline:
-            if any(until in line for line in self.lines):
-                return True
-            ready, _, _ = select.select([out], [], [], 0.1)
-            if ready:
-                data = os.read(out, 65536)
-                if not data:
-                    break
-                *done, self.partial = (self.partial + data).split(b"\n")
-                self.lines += [line.decode("utf-8", "replace") for line in done]
-        return any(until in line for line in self.lines)
+        if not select.select([out], [], [], max(0.0, seconds))[0]:
+            return True
+        data = os.read(out, 65536)
+        if not data:
+            return False
+        *done, self.partial = (self.partial + data).split(b"\n")
+        self.lines += [line.decode("utf-8", "replace") for line in done]
+        return True
+
+    def read_until(self, condition, seconds=10):
+        """Output lines as they come until C{condition()} holds (or the
+        time is up); whether it holds."""
+        deadline = time.monotonic() + seconds
+        while not condition():
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._take(left):
+                return condition()
+        return True
+
+    def read(self, until, seconds=10):
+        """Output lines until one contains C{until} (or the time is up)."""
+        return self.read_until(lambda: any(until in line for line in self.lines), seconds)
+
+    def read_written(self):
+        """What the server has written so far."""
+        out = self.process.stdout.fileno()
+        while select.select([out], [], [], 0)[0] and self._take(0):
+            pass
 
     def count(self, text):
         return sum(text in line for line in self.lines)
 
-    def cpu_seconds(self):
-        with open(f"/proc/{self.process.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def lines_that_are(self, text):
+        return sum(line == text for line in self.lines)
 
     def stop(self):
         self.process.kill()
@@ -115,14 +288,11 @@ def test_out_of_descriptors_is_logged_once_and_recovered_from(server):
         assert answers.count(b"") >= 25
         assert server.read("out of file descriptors (EMFILE)")
 
-        # More come while it is out of them: closed at once, no spinning.
-        before = server.cpu_seconds()
+        # More come while it is out of them: closed at once.
         for _ in range(10):
             late = socket.create_connection(("127.0.0.1", port), timeout=5)
             assert greeting(late) == b""
             late.close()
-            time.sleep(0.1)
-        assert server.cpu_seconds() - before < 0.5
         assert server.count("out of file descriptors (EMFILE)") == 1
         assert not any("Traceback" in line or "Could not accept" in line
                        for line in server.lines), server.lines
@@ -130,18 +300,23 @@ def test_out_of_descriptors_is_logged_once_and_recovered_from(server):
         for sock in clients:
             sock.close()
 
-    # Descriptors free again: served again, and it says so.
-    deadline = time.monotonic() + 10
-    while True:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        answer = greeting(sock)
-        sock.close()
-        if answer == b"hello\n" or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    # Descriptors free again (the server has closed the connections it
+    # served): served again at once, and it says so.
+    served = answers.count(b"hello\n")
+    assert server.read_until(lambda: server.lines_that_are("LOST") == served), server.lines
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    answer = greeting(sock)
+    sock.close()
     assert answer == b"hello\n"
     assert server.read("accepting connections again")
     assert server.count("out of file descriptors (EMFILE)") == 1
+    # No spinning at any point: a port that spins calls accept() again and
+    # again; this one takes connections in rounds (the failing accept, those
+    # it takes, the one that finds none left): fewer than three calls a
+    # connection, and it made 51.
+    server.read_written()
+    accepts = server.lines_that_are("ACCEPT")
+    assert accepts <= 3 * 51, f"{accepts} accept() calls for 51 connections"
 
 
 def test_the_soft_descriptor_limit_is_raised_to_the_hard_one():
