@@ -26,18 +26,30 @@ the daemon could trip over it:
   with ``stride`` bytes a row, then U and V with ``stride // 2``; the bytes
   past the picture in each row are junk (0xEE), as they may be on a camera.
 - ``stop``, ``close``.
+- The H.264 encoder (``picamera2.encoders.H264Encoder``, ``Output`` and
+  ``FileOutput`` in ``picamera2.outputs``, ``start_encoder`` /
+  ``start_recording`` / ``stop_encoder`` / ``stop_recording``,
+  ``force_key_frame``), below at "The camera's H.264 encoder".
 
 The picture is a known scene (four grey quadrants, chroma split left/right
 and top/bottom, the frame number in the first pixels) drawn through the
 configured flips, so tests can tell exactly what a consumer must make of it.
 """
 
+import collections
+import enum
+import io
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 import types
 from concurrent.futures import Future
+from pathlib import Path
 
 import numpy as np
 
@@ -111,11 +123,25 @@ def yuv420_buffer(planes, stride):
 class Rig:
     """What is plugged in and how its libcamera behaves; makes the modules."""
 
-    def __init__(self, cameras=1, stride_align=64, adjust_size=None, model="imx708", usb=0):
+    def __init__(self, cameras=1, stride_align=64, adjust_size=None, model="imx708", usb=0,
+                 pi5=False, picture="scene", ffmpeg="ffmpeg"):
         """
         @param cameras: how many Raspberry Pi cameras (CSI) are attached, and
         @param usb: how many USB webcams, listed first (libcamera lists those too).
+        @param pi5: a Raspberry Pi 5, which has no hardware H.264 encoder:
+            picamera2's H264Encoder is then its LibavH264Encoder.
+        @param picture: what the H.264 encoder encodes: "scene", the camera's
+            frames; or "lavfi", a moving picture ffmpeg makes itself (so
+            that no raw frame crosses Python: for CPU benchmarks).
+        @param ffmpeg: the ffmpeg that plays the H.264 encoder.
         """
+        if picture not in ("scene", "lavfi"):
+            raise ValueError(f"picture must be 'scene' or 'lavfi', not {picture!r}")
+        self.pi5 = pi5
+        self.picture = picture
+        self.ffmpeg = ffmpeg
+        #: Every H.264 encoder started, in order.
+        self.encoders = []
         self.cameras = [{"Model": "Webcam C270", "Location": 2,
                          "Id": f"/base/scb/pcie@7d500000/pci@0,0/usb@0,0-1.{i}:1.0-046d:0825"}
                         for i in range(usb)]
@@ -141,22 +167,76 @@ class Rig:
         self.captures_asked = 0
         self.picamera2 = types.ModuleType("picamera2")
         self.picamera2.Picamera2 = type("Picamera2", (Picamera2,), {"rig": self})
+        # As after "import picamera2": its encoders and outputs are loaded too.
+        encoders = self.picamera2.encoders = types.ModuleType("picamera2.encoders")
+        encoders.Encoder = Encoder
+        encoders.Quality = Quality
+        hardware = type("H264Encoder", (H264Encoder,), {"rig": self})
+        libav = type("LibavH264Encoder", (LibavH264Encoder,), {"rig": self})
+        encoders.LibavH264Encoder = libav
+        encoders.H264Encoder = libav if pi5 else hardware
+        outputs = self.picamera2.outputs = types.ModuleType("picamera2.outputs")
+        outputs.Output = Output
+        outputs.FileOutput = FileOutput
         self.libcamera = types.ModuleType("libcamera")
         self.libcamera.Transform = Transform
 
     def import_module(self, name):
         """importlib.import_module for a machine where this is installed."""
-        if name == "picamera2":
-            return self.picamera2
-        if name == "libcamera":
-            return self.libcamera
+        modules = {"picamera2": self.picamera2, "libcamera": self.libcamera,
+                   "picamera2.encoders": self.picamera2.encoders,
+                   "picamera2.outputs": self.picamera2.outputs}
+        if name in modules:
+            return modules[name]
         raise ImportError(f"No module named {name!r}")
 
 
 def rig_from_environment():
     """A Rig described by $FAKE_PICAMERA2 (JSON keyword arguments), for a daemon
-    started with shim ``picamera2`` and ``libcamera`` packages on its path."""
+    started with shim ``picamera2`` and ``libcamera`` packages on its path;
+    e.g. ``{"pi5": true}`` or ``{"picture": "lavfi"}``."""
     return Rig(**json.loads(os.environ.get("FAKE_PICAMERA2", "{}")))
+
+
+_shim_rig = []
+
+
+def shim_rig():
+    """The one Rig of this process (from the environment), for the shims."""
+    if not _shim_rig:
+        _shim_rig.append(rig_from_environment())
+    return _shim_rig[0]
+
+
+#: The shim packages: the names of the real ones, each from shim_rig().
+_SHIMS = {
+    "picamera2/__init__.py": (
+        "from tests.fake_picamera2 import shim_rig\n"
+        "Picamera2 = shim_rig().picamera2.Picamera2\n"
+        "from picamera2 import encoders, outputs  # noqa: E402 (as the real package)\n"),
+    "picamera2/encoders/__init__.py": (
+        "from tests.fake_picamera2 import shim_rig\n"
+        "_module = shim_rig().picamera2.encoders\n"
+        "Encoder, Quality = _module.Encoder, _module.Quality\n"
+        "H264Encoder, LibavH264Encoder = _module.H264Encoder, _module.LibavH264Encoder\n"),
+    "picamera2/outputs/__init__.py": (
+        "from tests.fake_picamera2 import shim_rig\n"
+        "_module = shim_rig().picamera2.outputs\n"
+        "Output, FileOutput = _module.Output, _module.FileOutput\n"),
+    "libcamera/__init__.py": "from tests.fake_picamera2 import Transform  # noqa: F401\n",
+}
+
+
+def write_shims(directory):
+    """Writes ``picamera2`` (with ``picamera2.encoders`` and
+    ``picamera2.outputs``) and ``libcamera`` packages into C{directory} that
+    hand out this fake, for a daemon started with C{directory} and the
+    repository on its PYTHONPATH and the Rig in $FAKE_PICAMERA2."""
+    directory = Path(directory)
+    for name, body in _SHIMS.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(body)
 
 
 class Job:
@@ -196,11 +276,22 @@ class Job:
 class CompletedRequest:
     """picamera2.request.CompletedRequest: holds its buffer until released."""
 
-    def __init__(self, camera, buffer, config):
+    def __init__(self, camera, buffer, config, sensor_timestamp_ns=0, frame_duration_us=0):
         self.picam2 = camera
-        self._buffer = buffer
+        self._buffer = buffer  # an array, a function that draws it, or None once released
         self.config = config
         self.ref_count = 1
+        self._metadata = {"SensorTimestamp": sensor_timestamp_ns,
+                          "FrameDuration": frame_duration_us}
+
+    def get_metadata(self):
+        return dict(self._metadata)
+
+    def _pixels(self):
+        """The buffer's contents (drawn when first asked for), or None once released."""
+        if callable(self._buffer):
+            self._buffer = self._buffer()
+        return self._buffer
 
     def acquire(self):
         with self.picam2._lock:
@@ -221,9 +312,10 @@ class CompletedRequest:
     def make_buffer(self, name):
         if name != "main":
             raise RuntimeError(f"Stream {name!r} is not defined")
-        if self._buffer is None:
+        pixels = self._pixels()
+        if pixels is None:
             raise RuntimeError("Camera frontend has timed out!")
-        return np.array(self._buffer, dtype=np.uint8)  # a copy, as the real one
+        return np.array(pixels, dtype=np.uint8)  # a copy, as the real one
 
     def make_array(self, name):
         stream = self.config[name]
@@ -255,6 +347,11 @@ class Picamera2:
         self._free_buffers = 0
         self._thread = None
         self._running = False
+        self._encoders = set()
+        self.encode_stream_name = None
+        # The sensor's limits (FrameDurationLimits: min, max, default in us).
+        self.camera_ctrl_info = {"FrameDurationLimits": (
+            None, types.SimpleNamespace(min=8333, max=10_000_000, default=33333))}
 
     # -- configuration ---------------------------------------------------
 
@@ -306,6 +403,7 @@ class Picamera2:
         stream.update(size=(width, height), stride=stride, framesize=framesize)
         config["main"] = stream
         self.camera_config = config
+        self.encode_stream_name = config["encode"]
         self.rig.configurations.append(config)
 
     def camera_configuration(self):
@@ -339,7 +437,7 @@ class Picamera2:
         self._thread.join(5)
         with self._lock:
             for request in self._completed:
-                request.ref_count = 0
+                self._release_locked(request)  # the camera's own hold on it
             self._completed = []
         self.started = False
 
@@ -361,6 +459,7 @@ class Picamera2:
         max_queue = 1 if config["queue"] and config["buffer_count"] > 1 else 0
         due = time.monotonic() + interval
         for _ in range(10_000_000):
+            to_encode = None
             with self._lock:
                 while self._running:
                     now = time.monotonic()
@@ -378,8 +477,12 @@ class Picamera2:
                         due = time.monotonic() + interval
                     if self.rig.stall_after is None or self.rig.frames < self.rig.stall_after:
                         self._free_buffers -= 1
-                        self._completed.append(self._capture(width, height, transform, config))
+                        request = self._capture(width, height, transform, config)
+                        self._completed.append(request)
                         self.rig.frames += 1
+                        if self._encoders:
+                            request.ref_count += 1  # the encoders' use of it
+                            to_encode = (request, list(self._encoders))
                 finished = []
                 while self._jobs and self._completed:
                     if self._jobs[0].execute():
@@ -391,16 +494,114 @@ class Picamera2:
                     request.ref_count -= 1
                     if request.ref_count == 0:
                         self._free_buffers += 1
+            if to_encode is not None:
+                request, encoders = to_encode
+                try:
+                    for encoder in encoders:
+                        if encoder.name in self.camera_config:
+                            encoder.encode(encoder.name, request)
+                except Exception as e:
+                    # As picamera2's event loop (its preview thread): the
+                    # exception is logged, and the loop is over.
+                    print(f"Exception during process_requests(): {type(e).__name__}: {e}",
+                          file=sys.stderr)
+                    request.release()
+                    return
+                request.release()
             for job in finished:
                 job.signal()
 
     def _capture(self, width, height, transform, config):
-        planes = flipped(scene(width, height, self.rig.frames), transform.hflip, transform.vflip)
-        buffer = yuv420_buffer(planes, config["main"]["stride"])
-        request = CompletedRequest(self, buffer, config)
+        number, stride = self.rig.frames, config["main"]["stride"]
+
+        def draw():
+            planes = flipped(scene(width, height, number), transform.hflip, transform.vflip)
+            return yuv420_buffer(planes, stride)
+
+        request = CompletedRequest(self, draw, config, boottime_us() * 1000,
+                                   config["controls"]["FrameDurationLimits"][0])
         if self.rig.fail_after is not None and self.rig.frames >= self.rig.fail_after:
             request._buffer = None  # make_buffer will fail, as on a camera error
         return request
+
+    # -- encoders ----------------------------------------------------------
+
+    def start_encoder(self, encoder=None, output=None, pts=None, quality=None, name=None):
+        _encoder = None
+        if encoder is not None:
+            _encoder = encoder
+        elif len(self._encoders) > 1:
+            raise RuntimeError("Multiple possible encoders, need to pass encoder")
+        elif len(self._encoders) == 1:
+            _encoder = list(self._encoders)[0]
+        if _encoder is None:
+            raise RuntimeError("No encoder specified")
+        if output is not None:
+            if isinstance(output, str):
+                output = FileOutput(output, pts=pts)
+            _encoder.output = output
+        streams = self.camera_configuration()
+        if not streams:
+            raise RuntimeError("Camera has not been configured")
+        if name is None:
+            name = self.encode_stream_name
+        if streams.get(name, None) is None:
+            raise RuntimeError(f"Encode stream {name} was not defined")
+        _encoder.name = name
+        _encoder.width, _encoder.height = streams[name]["size"]
+        _encoder.format = streams[name]["format"]
+        _encoder.stride = streams[name]["stride"]
+        min_frame_duration = max(self.camera_ctrl_info["FrameDurationLimits"][1].min, 33333)
+        try:
+            if _encoder.framerate is None:
+                _encoder.framerate = 1000000 / min_frame_duration
+        except AttributeError:
+            pass
+        _encoder.start(quality=quality)
+        with self._lock:
+            self._encoders.add(_encoder)
+
+    def stop_encoder(self, encoders=None):
+        remove = []
+        if encoders is None:
+            for encoder in self._encoders:
+                encoder.stop()
+                remove += [encoder]
+        elif isinstance(encoders, Encoder):
+            encoders.stop()
+            remove += [encoders]
+        elif isinstance(encoders, (list, set)):
+            for encoder in encoders:
+                encoder.stop()
+                remove += [encoder]
+        with self._lock:
+            for encoder in remove:
+                self._encoders.remove(encoder)
+
+    @property
+    def encoders(self):
+        return self._encoders
+
+    @encoders.setter
+    def encoders(self, value):
+        if isinstance(value, Encoder):
+            self._encoders.add(value)
+        elif isinstance(value, set):
+            self._encoders.update(value)
+        else:
+            raise RuntimeError("Must pass Encoder or set of")
+
+    def start_recording(self, encoder, output, pts=None, config=None, quality=None, name=None):
+        if not self.camera_config and config is None:
+            config = "video"
+        if config is not None:
+            self.configure(config)
+        self.start_encoder(encoder, output, pts=pts, quality=quality, name=name)
+        self.start()
+
+    def stop_recording(self):
+        self.stop()
+        self.stop_encoder()
 
     # -- jobs --------------------------------------------------------------
 
@@ -451,3 +652,825 @@ class Picamera2:
 
     def capture_request(self, wait=None, signal_function=None):
         return self.dispatch_functions([self._make("main", "request")], wait, signal_function)
+
+
+# -- The camera's H.264 encoder -----------------------------------------------------
+#
+# picamera2 (picamera2/encoders/, picamera2/outputs/ upstream) encodes with
+# H264Encoder, which on a Pi up to the 4 is the V4L2 hardware encoder
+# (/dev/video11) and on a Pi 5, which has none, is LibavH264Encoder (libx264
+# through PyAV) under the same name.  Both call ``outputframe(frame, keyframe,
+# timestamp, packet, audio)`` on their outputs once per encoded picture (one
+# access unit, Annex B), with ``timestamp`` in microseconds since the first
+# frame the encoder saw; the V4L2 one from its own thread (``thread``, which
+# polls the device), the libav one from the camera's thread, inside
+# ``encode``.  ``force_key_frame()`` (picamera2 0.3.32 and later) asks for an
+# IDR on the next frame encoded.
+#
+# Here the encoding itself happens outside this process, as it does on the
+# Pi: an ffmpeg child (libx264) plays the encoder.  The camera's frames go to
+# it as Matroska (raw I420 with timestamps: a frame whose keyframe was asked
+# for is marked by an odd microsecond, which ffmpeg's -force_key_frames
+# expression turns into an IDR), and the pictures come back as FLV, whose
+# tags carry their own length, so each access unit is taken whole the moment
+# ffmpeg has written it, without waiting for the next one.  Or, with
+# ``Rig(picture="lavfi")`` (for CPU benchmarks), ffmpeg makes its own moving
+# picture (testsrc2, at the camera's size and rate) and no raw frame crosses
+# Python at all; the camera's frames then go nowhere, forced keyframes are
+# not honoured, and timestamps are ffmpeg's.
+#
+# The ffmpeg child's argv[0] is ENCODER_PROCESS_NAME, so that a benchmark can
+# tell the "hardware" encoder apart from the daemon's own children.
+
+#: argv[0] of the ffmpeg child that plays a camera's hardware H.264 encoder.
+ENCODER_PROCESS_NAME = "fake-camera-h264-encoder"
+
+#: What the encoder thread of a V4L2 H264Encoder reads when the I-frame
+#: period is not set: the bcm2835 codec's default.
+V4L2_DEFAULT_IPERIOD = 60
+
+
+def boottime_us():
+    """Microseconds since boot (CLOCK_BOOTTIME), the clock of libcamera's
+    SensorTimestamp and of picamera's raw timestamps."""
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    if clock is None:
+        return time.monotonic_ns() // 1000
+    return time.clock_gettime_ns(clock) // 1000
+
+
+# Matroska, just enough to carry raw I420 frames with microsecond timestamps.
+
+def _vint(n):
+    for length in range(1, 9):
+        if n < (1 << (7 * length)) - 1:
+            return ((1 << (7 * length)) | n).to_bytes(length, "big")
+    raise ValueError(f"{n} does not fit an EBML size")
+
+
+def _element(element_id, payload):
+    return element_id + _vint(len(payload)) + payload
+
+
+def _uint(element_id, value):
+    return _element(element_id, value.to_bytes(max(1, (value.bit_length() + 7) // 8), "big"))
+
+
+def matroska_header(width, height, framerate):
+    """The start of a live Matroska stream of one raw I420 track of
+    C{width}x{height}, timestamps in microseconds."""
+    ebml = _element(b"\x1a\x45\xdf\xa3", b"".join([
+        _uint(b"\x42\x86", 1), _uint(b"\x42\xf7", 1), _uint(b"\x42\xf2", 4),
+        _uint(b"\x42\xf3", 8), _element(b"\x42\x82", b"matroska"),
+        _uint(b"\x42\x87", 4), _uint(b"\x42\x85", 2)]))
+    info = _element(b"\x15\x49\xa9\x66", _uint(b"\x2a\xd7\xb1", 1000)
+                    + _element(b"\x4d\x80", b"fake camera") + _element(b"\x57\x41", b"fake camera"))
+    video = _element(b"\xe0", _uint(b"\xb0", width) + _uint(b"\xba", height)
+                     + _element(b"\x2e\xb5\x24", b"I420"))
+    track = _element(b"\xae", b"".join([
+        _uint(b"\xd7", 1), _uint(b"\x73\xc5", 1), _uint(b"\x83", 1),
+        _element(b"\x86", b"V_UNCOMPRESSED"),
+        _uint(b"\x23\xe3\x83", round(1e9 / framerate)), video]))
+    segment_of_unknown_size = b"\x18\x53\x80\x67\x01\xff\xff\xff\xff\xff\xff\xff"
+    return ebml + segment_of_unknown_size + info + _element(b"\x16\x54\xae\x6b", track)
+
+
+def matroska_frame(timestamp_us, frame):
+    """One frame as a cluster of its own (at C{timestamp_us}) holding one key block."""
+    return _element(b"\x1f\x43\xb6\x75", _uint(b"\xe7", timestamp_us)
+                    + _element(b"\xa3", b"\x81\x00\x00\x80" + bytes(frame)))
+
+
+class AccessUnit:
+    """One encoded picture as the encoder gave it: its NAL units (without
+    start codes), whether it is an IDR, and ffmpeg's timestamp (ms)."""
+
+    def __init__(self, nals, milliseconds):
+        self.nals = nals
+        self.milliseconds = milliseconds
+        self.keyframe = any(nal[0] & 0x1F == 5 for nal in nals)
+
+    def annex_b(self, keep=lambda nal_type: True):
+        return b"".join(b"\x00\x00\x00\x01" + nal for nal in self.nals if keep(nal[0] & 0x1F))
+
+
+def _ffmpeg_version(ffmpeg, _known={}):
+    if ffmpeg not in _known:
+        try:
+            out = subprocess.run([ffmpeg, "-hide_banner", "-version"], capture_output=True,
+                                 text=True, timeout=10).stdout
+            numbers = out.split()[2].split("-")[0].split(".")
+            _known[ffmpeg] = tuple(int(n) for n in numbers[:2])
+        except (OSError, IndexError, ValueError, subprocess.SubprocessError):
+            _known[ffmpeg] = (0, 0)
+    return _known[ffmpeg]
+
+
+class ExternalEncoder:
+    """An ffmpeg child encoding H.264 with libx264, playing a camera's encoder."""
+
+    def __init__(self, size, framerate, bitrate=None, keyint=None, profile=None, level=None,
+                 qp=None, preset="ultrafast", repeat_headers=True, picture="scene",
+                 input_size=None, ffmpeg="ffmpeg"):
+        """
+        @param size: (width, height) of the picture encoded.
+        @param keyint: frames from one IDR to the next (0: only the first).
+        @param input_size: (width, height) of the frames fed, when larger
+            than C{size} (a stride wider than the picture, padding): cropped.
+        @param picture: "scene" (frames are fed) or "lavfi" (ffmpeg makes its own).
+        """
+        self.size = size
+        self.framerate = float(framerate)
+        self.picture = picture
+        self.input_size = input_size or size
+        self.parameter_sets = []
+        self.process = None
+        self._last_fed = None
+        self._stderr = tempfile.TemporaryFile()
+        ffmpeg_path = shutil.which(ffmpeg) or ffmpeg
+        width, height = size
+        args = [ENCODER_PROCESS_NAME, "-hide_banner", "-nostats", "-loglevel", "error"]
+        if picture == "lavfi":
+            args += ["-nostdin", "-re", "-f", "lavfi",
+                     "-i", f"testsrc2=size={width}x{height}:rate={self.framerate:g}"]
+        elif picture == "scene":
+            sync = ["-fps_mode", "passthrough"] if _ffmpeg_version(ffmpeg) >= (5, 1) \
+                else ["-vsync", "passthrough"]
+            args += ["-probesize", "32", "-analyzeduration", "0", "-f", "matroska", "-i", "pipe:0"]
+            args += sync + ["-enc_time_base", "-1",
+                            "-force_key_frames", "expr:eq(mod(round(t*1000000),2),1)"]
+            if self.input_size != size:
+                args += ["-vf", f"crop={width}:{height}:0:0"]
+        else:
+            raise ValueError(f"picture must be 'scene' or 'lavfi', not {picture!r}")
+        never = 2**31 - 1
+        args += ["-an", "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", preset,
+                 "-tune", "zerolatency", "-g", str(keyint or never)]
+        if profile:
+            args += ["-profile:v", profile]
+        if level:
+            args += ["-level", level]
+        if bitrate:
+            args += ["-b:v", str(int(bitrate))]
+        if qp is not None:
+            args += ["-qmin", str(qp), "-qmax", str(qp)]
+        args += ["-x264-params", f"repeat-headers={1 if repeat_headers else 0}",
+                 "-flush_packets", "1", "-f", "flv", "pipe:1"]
+        self.args = args
+        self.process = subprocess.Popen(
+            args, executable=ffmpeg_path,
+            stdin=subprocess.PIPE if picture == "scene" else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=self._stderr)
+        if picture == "scene":
+            self.process.stdin.write(matroska_header(*self.input_size, self.framerate))
+            self.process.stdin.flush()
+        self._started_reading = False
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def feed(self, frame, timestamp_us, keyframe=False):
+        """One frame (I420 at C{input_size}), C{timestamp_us} after the first;
+        C{keyframe}: encode it as an IDR.  Raises BrokenPipeError (an OSError)
+        if ffmpeg has gone."""
+        # An even microsecond for each frame, odd where an IDR is wanted.
+        even = int(timestamp_us) - int(timestamp_us) % 2
+        if self._last_fed is not None and even <= self._last_fed:
+            even = self._last_fed - self._last_fed % 2 + 2
+        value = even + (1 if keyframe else 0)
+        self._last_fed = value
+        self.process.stdin.write(matroska_frame(value, frame))
+        self.process.stdin.flush()
+
+    def end_input(self):
+        """No more frames: ffmpeg encodes what it has and exits."""
+        if self.picture == "scene":
+            try:
+                self.process.stdin.close()
+            except OSError:
+                pass
+        elif self.process.poll() is None:
+            self.process.terminate()
+
+    def read(self):
+        """The next access unit (an L{AccessUnit}), or None once ffmpeg's
+        output has ended."""
+        out = self.process.stdout
+        if not self._started_reading:
+            self._started_reading = True
+            header = out.read(9)
+            if len(header) < 9 or header[:3] != b"FLV":
+                return None
+            out.read(int.from_bytes(header[5:9], "big") - 9 + 4)
+        for _ in range(10**9):
+            tag = out.read(11)
+            if len(tag) < 11:
+                return None
+            size = int.from_bytes(tag[1:4], "big")
+            milliseconds = int.from_bytes(tag[4:7], "big") | (tag[7] << 24)
+            body = out.read(size)
+            out.read(4)
+            if len(body) < size:
+                return None
+            if tag[0] != 9 or len(body) < 5 or body[0] & 0x0F != 7:
+                continue  # script data (metadata), or not H.264
+            if body[1] == 0:
+                self._configuration(body[5:])
+            elif body[1] == 1:
+                nals = []
+                data, offset = body, 5
+                length_size = self._length_size
+                while offset + length_size <= len(data):
+                    length = int.from_bytes(data[offset:offset + length_size], "big")
+                    offset += length_size
+                    nals.append(data[offset:offset + length])
+                    offset += length
+                if nals:
+                    return AccessUnit(nals, milliseconds)
+        return None
+
+    _length_size = 4
+
+    def _configuration(self, record):
+        """The AVCDecoderConfigurationRecord: the SPS and PPS, and NAL length size."""
+        self._length_size = (record[4] & 3) + 1
+        sets, offset = [], 5
+        for _kind in range(2):
+            count = record[offset] & 0x1F
+            offset += 1
+            for _ in range(count):
+                length = int.from_bytes(record[offset:offset + 2], "big")
+                sets.append(record[offset + 2:offset + 2 + length])
+                offset += 2 + length
+        self.parameter_sets = sets
+
+    def error(self):
+        """What ffmpeg said on stderr, in one line."""
+        try:
+            self._stderr.seek(0)
+            text = self._stderr.read().decode("utf-8", "replace").strip()
+        except (OSError, ValueError):
+            text = ""
+        return " / ".join(text.splitlines()[-3:])
+
+    def stop(self, timeout=3.0):
+        """Ends the child (if it has not ended) and reaps it."""
+        self.end_input()
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        for stream in (self.process.stdout, self.process.stdin):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+        self._stderr.close()
+
+
+class Quality(enum.Enum):
+    """picamera2.encoders.Quality."""
+    VERY_LOW = 0
+    LOW = 1
+    MEDIUM = 2
+    HIGH = 3
+    VERY_HIGH = 4
+
+
+#: picamera2.formats.ALL_FORMATS but the Bayer ones: what an encoder's format may be.
+_ENCODER_FORMATS = {"NV21", "NV12", "YUV420", "YVU420", "YVYU", "YUYV", "UYVY", "VYUY",
+                    "BGR888", "RGB888", "XBGR8888", "XRGB8888", "RGB161616", "BGR161616",
+                    "R8", "R10", "R12", "R16", "R8_CSI2P", "R10_CSI2P", "R12_CSI2P"}
+
+
+class Output:
+    """picamera2.outputs.Output: what encoders write their frames to."""
+
+    def __init__(self, pts=None):
+        self.recording = False
+        self.ptsoutput = pts
+        self.needs_pacing = False
+        self.needs_add_stream = False
+
+    def start(self):
+        self.recording = True
+
+    def stop(self):
+        self.recording = False
+
+    def outputframe(self, frame, keyframe=True, timestamp=None, packet=None, audio=False):
+        """Outputs one frame from the encoder (does nothing here)."""
+
+    def outputtimestamp(self, timestamp):
+        if self.ptsoutput is not None and timestamp is not None:
+            print(f"{timestamp // 1000}.{timestamp % 1000:03}", file=self.ptsoutput, flush=True)
+
+    @property
+    def ptsoutput(self):
+        return self._ptsoutput
+
+    @ptsoutput.setter
+    def ptsoutput(self, file):
+        if file is None:
+            self._ptsoutput = None
+        elif isinstance(file, str):
+            self._ptsoutput = open(file, "w")
+        else:
+            self._ptsoutput = file
+
+    def _add_stream(self, encoder_stream, *args, **kwargs):
+        pass
+
+
+class FileOutput(Output):
+    """picamera2.outputs.FileOutput: the frames written to a file, from the first keyframe."""
+
+    def __init__(self, file=None, pts=None, split=None):
+        super().__init__(pts=pts)
+        self.dead = False
+        self._needs_close = False
+        if file is None:
+            self.fileoutput = None
+        elif isinstance(file, (str, Path)):
+            self.fileoutput = open(file, "wb")
+            self._needs_close = True
+        elif isinstance(file, io.BufferedIOBase):
+            self.fileoutput = file
+        else:
+            raise RuntimeError("Must pass io.BufferedIOBase")
+        self._firstframe = True
+
+    def outputframe(self, frame, keyframe=True, timestamp=None, packet=None, audio=False):
+        if audio:
+            raise RuntimeError("Fileoutput does not support audio")
+        if self.fileoutput is not None and self.recording:
+            if self._firstframe:
+                if not keyframe:
+                    return
+                self._firstframe = False
+            self.fileoutput.write(frame)
+            self.fileoutput.flush()
+            self.outputtimestamp(timestamp)
+
+    def stop(self):
+        super().stop()
+        if self._needs_close:
+            self.fileoutput.close()
+
+
+class Encoder:
+    """picamera2.encoders.Encoder: the base of the encoders, as upstream."""
+
+    rig = None  # set by Rig, per subclass
+
+    def __init__(self, framerate=30):
+        self._width = 0
+        self._height = 0
+        self._stride = 0
+        self._format = None
+        self._output = []
+        self._running = False
+        self._name = None
+        self._framerate = framerate
+        self._lock = threading.Lock()
+        self.firsttimestamp = None
+        self.frame_skip_count = 1
+        self._skip_count = 0
+        self._output_lock = threading.Lock()
+        self.audio = False
+        self.frames_encoded = 0
+        self.sync_enable = False
+
+    @property
+    def running(self):
+        return self._running
+
+    @property
+    def width(self):
+        return self._width
+
+    @width.setter
+    def width(self, value):
+        if not isinstance(value, int):
+            raise RuntimeError("Width must be integer")
+        self._width = value
+
+    @property
+    def height(self):
+        return self._height
+
+    @height.setter
+    def height(self, value):
+        if not isinstance(value, int):
+            raise RuntimeError("Height must be integer")
+        self._height = value
+
+    @property
+    def size(self):
+        return (self._width, self._height)
+
+    @size.setter
+    def size(self, value):
+        if not isinstance(value, tuple) or len(value) != 2:
+            raise RuntimeError("Size must be a tuple of two integers")
+        self.width, self.height = value
+
+    @property
+    def stride(self):
+        return self._stride
+
+    @stride.setter
+    def stride(self, value):
+        if not isinstance(value, int):
+            raise RuntimeError("Stride must be integer")
+        self._stride = value
+
+    @property
+    def format(self):
+        return self._format
+
+    @format.setter
+    def format(self, value):
+        if value not in _ENCODER_FORMATS:
+            raise ValueError(f"Invalid format: {value}. Valid formats are: {_ENCODER_FORMATS}")
+        self._format = value
+
+    @property
+    def output(self):
+        return self._output[0] if len(self._output) == 1 else self._output
+
+    @output.setter
+    def output(self, value):
+        if isinstance(value, list):
+            for out in value:
+                if not isinstance(out, Output):
+                    raise RuntimeError("Must pass Output")
+        elif isinstance(value, Output):
+            value = [value]
+        else:
+            raise RuntimeError("Must pass Output")
+        self._output = value
+
+    @property
+    def name(self):
+        return self._name
+
+    @name.setter
+    def name(self, value):
+        if not isinstance(value, str):
+            raise RuntimeError("Name must be string")
+        self._name = value
+
+    def encode(self, stream, request):
+        if self._skip_count == 0:
+            with self._lock:
+                if not self._running:
+                    return
+                self._encode(stream, request)
+        self._skip_count = (self._skip_count + 1) % self.frame_skip_count
+        self.frames_encoded += 1
+
+    def _encode(self, stream, request):
+        self.outputframe(request.make_buffer("main"), keyframe=True,
+                         timestamp=self._timestamp(request))
+
+    def start(self, quality=None):
+        with self._lock:
+            if self._running:
+                raise RuntimeError("Encoder already running")
+            self.frames_encoded = 0
+            self._setup(quality)
+            self._running = True
+            self.firsttimestamp = None
+            for out in self._output:
+                out.start()
+            self._start()
+
+    def _start(self):
+        pass
+
+    def stop(self):
+        with self._lock:
+            if not self._running:
+                raise RuntimeError("Encoder already stopped")
+            self._running = False
+            self._stop()
+            for out in self._output:
+                out.stop()
+
+    def _stop(self):
+        pass
+
+    def outputframe(self, frame, keyframe=True, timestamp=None, packet=None, audio=False):
+        with self._output_lock:
+            for out in self._output:
+                out.outputframe(frame, keyframe, timestamp, packet, audio)
+
+    def _setup(self, quality):
+        pass
+
+    def _timestamp(self, request):
+        ts = request.get_metadata()["SensorTimestamp"] // 1000  # ns to us
+        if self.firsttimestamp is None:
+            self.firsttimestamp = ts
+            return 0
+        return ts - self.firsttimestamp
+
+
+def _complexity(encoder):
+    return encoder.width * encoder.height * (getattr(encoder, "framerate", None) or 30)
+
+
+class _ExternalH264(Encoder):
+    """What the two H.264 encoders share here: the ffmpeg child, fed on the
+    camera's thread, read on a thread of its own."""
+
+    def _external(self, **options):
+        rig = self.rig
+        stride_width = self.stride if self.stride > self.width else self.width
+        self._ffmpeg = ExternalEncoder(
+            (self.width, self.height), self.framerate or 30, picture=rig.picture,
+            input_size=(stride_width, self.height), ffmpeg=rig.ffmpeg, **options)
+        rig.encoders.append(self)
+        self._timestamps = collections.deque()
+        self._picture_started = None
+        self._stopping = False
+
+    def _feed(self, request):
+        """Sends C{request}'s frame to the child (its timestamp is queued for
+        the reader); False if the child has gone."""
+        timestamp_us = self._timestamp(request)
+        if self.rig.picture == "lavfi":
+            return True
+        if self._format != "YUV420":
+            raise RuntimeError(f"the fake H.264 encoder takes YUV420, not {self._format}")
+        force = self._key_frames_requested > self._key_frames_generated
+        if force:
+            self._key_frames_generated += 1
+        request.acquire()
+        try:
+            frame = request._pixels()
+            if frame is None:
+                return True  # a frame the camera failed to fill is not encoded
+            self._timestamps.append(timestamp_us)
+            self._ffmpeg.feed(frame, timestamp_us, keyframe=force)
+        except OSError:
+            return False  # the encoder has gone
+        finally:
+            request.release()
+        return True
+
+    def _next(self):
+        """The next access unit and its timestamp (us after the first frame),
+        or None when the child's output has ended."""
+        au = self._ffmpeg.read()
+        if au is None:
+            return None
+        if self.rig.picture == "lavfi":
+            if self._picture_started is None:
+                self._picture_started = au.milliseconds
+                self.firsttimestamp = boottime_us()
+            return au, (au.milliseconds - self._picture_started) * 1000
+        timestamp = self._timestamps.popleft() if self._timestamps else au.milliseconds * 1000
+        return au, timestamp
+
+    def _failed(self):
+        """The child ended by itself: as when the V4L2 device fails."""
+        return RuntimeError(
+            f"H.264 encoder (ffmpeg) ended with {self._ffmpeg.process.poll()}: "
+            f"{self._ffmpeg.error() or 'no message'}")
+
+    def force_key_frame(self):
+        """Force a key frame to be encoded in the video stream as soon as possible."""
+        self._key_frames_requested += 1
+
+
+class H264Encoder(_ExternalH264):
+    """picamera2.encoders.H264Encoder on a Pi up to the 4: the V4L2 hardware
+    encoder, which delivers from a thread of its own (C{thread})."""
+
+    def __init__(self, bitrate=None, repeat=True, iperiod=None, framerate=None,
+                 enable_sps_framerate=False, qp=None, profile=None):
+        super().__init__()
+        self.bufs = {}
+        self.bitrate = bitrate
+        self._controls = []
+        self.vd = None
+        self._key_frames_requested = 0
+        self._key_frames_generated = 0
+        self.iperiod = iperiod
+        self.repeat = repeat
+        self.qp = qp
+        self.profile = profile
+        self.framerate = framerate
+        self._enable_framerate = enable_sps_framerate
+        self.thread = None
+
+    def _setup(self, quality):
+        if quality is not None or (getattr(self, "bitrate", None) is None
+                                   and getattr(self, "qp", None) is None):
+            quality = Quality.MEDIUM if quality is None else quality
+            table = {Quality.VERY_LOW: 2, Quality.LOW: 4, Quality.MEDIUM: 6,
+                     Quality.HIGH: 9, Quality.VERY_HIGH: 15}
+            self.bitrate = int(table[quality] * 1000000 * _complexity(self) / (1920 * 1080 * 30))
+
+    def _start(self):
+        profiles = {"baseline": "baseline", "constrained baseline": "baseline",
+                    "main": "main", "high": "high"}
+        profile = None
+        if self.profile:
+            if not isinstance(self.profile, str):
+                raise RuntimeError("Profile should be a string value")
+            profile = profiles.get(self.profile.lower())
+            if profile is None:
+                raise RuntimeError("Profile " + self.profile + " not recognised")
+        level = "4.0"
+        if self.framerate is not None:
+            mbs_per_sec = ((self._width + 15) // 16) * ((self._height + 15) // 16) * self.framerate
+            if mbs_per_sec > 245760:
+                level = "4.2"
+        if self.bitrate is not None and self.bitrate > 10000000 and level == "4.0":
+            level = "4.1"
+        keyint = V4L2_DEFAULT_IPERIOD if self.iperiod is None else self.iperiod
+        self._external(bitrate=self.bitrate, keyint=keyint, profile=profile, level=level,
+                       qp=self.qp, repeat_headers=bool(self.repeat))
+        self.vd = self._ffmpeg
+        self.thread = threading.Thread(target=self.thread_poll, name="fake H264Encoder",
+                                       daemon=True)
+        self.thread.start()
+
+    def _encode(self, stream, request):
+        if self._output is None or self.vd is None:
+            return
+        self._feed(request)
+
+    def thread_poll(self):
+        """Outputs encoded frames, as they come, until the encoder stops."""
+        first = True
+        try:
+            while True:
+                got = self._next()
+                if got is None:
+                    break
+                au, timestamp = got
+                # The hardware adds no SEI (x264 says who it is in one), and
+                # without repeat gives SPS and PPS once, with the first picture.
+                drop = (6,) if self.repeat else (6, 7, 8)
+                data = au.annex_b(lambda t: t not in drop)
+                if first and not self.repeat:
+                    data = b"".join(b"\x00\x00\x00\x01" + ps
+                                    for ps in self._ffmpeg.parameter_sets) + data
+                first = False
+                self.outputframe(data, au.keyframe, timestamp)
+            if not self._stopping:
+                raise self._failed()
+        except Exception as e:
+            # As an exception out of the real encoder's thread: said on
+            # stderr, and the thread is gone.
+            print(f"Exception in thread {threading.current_thread().name}: "
+                  f"{type(e).__name__}: {e}", file=sys.stderr)
+
+    def _stop(self):
+        self._stopping = True
+        self._ffmpeg.end_input()
+        self.thread.join()
+        self._ffmpeg.stop()
+        self.vd = None
+
+
+class LibavH264Encoder(_ExternalH264):
+    """picamera2.encoders.LibavH264Encoder: libx264 through libav, which on a
+    Pi 5 is H264Encoder.  It encodes on the camera's thread, inside
+    C{encode}, and calls C{outputframe} there."""
+
+    #: The profiles libav lists for H.264 (what upstream matches, ignoring case).
+    profiles = ("Baseline", "Constrained Baseline", "Main", "Extended", "High", "High 10",
+                "High 10 Intra", "High 4:2:2", "High 4:2:2 Intra", "High 4:4:4",
+                "High 4:4:4 Predictive", "High 4:4:4 Intra", "CAVLC 4:4:4",
+                "Multiview High", "Stereo High")
+    #: What libavcodec's libx264 wrapper makes of each profile (the others set none).
+    _x264_profiles = {"Baseline": "baseline", "Main": "main", "High": "high",
+                      "High 10": "high10", "High 4:2:2": "high422",
+                      "High 4:4:4 Predictive": "high444"}
+
+    def __init__(self, bitrate=None, repeat=True, iperiod=30, framerate=30, qp=None, profile=None):
+        super().__init__()
+        self._codec = "h264"
+        self.repeat = repeat
+        self.bitrate = bitrate
+        self.iperiod = iperiod
+        self.framerate = framerate
+        self.qp = qp
+        self.profile = profile
+        self.preset = None
+        self.drop_final_frames = False
+        self.threads = 0
+        self._use_hw = False
+        self._request_release_delay = 1
+        self._request_release_queue = None
+        self._key_frames_requested = 0
+        self._key_frames_generated = 0
+
+    @property
+    def use_hw(self):
+        return self._use_hw
+
+    @use_hw.setter
+    def use_hw(self, value):
+        if value:
+            print("Warning: use_hw has no effect on non-VC4 platforms")
+
+    def _setup(self, quality):
+        if quality is not None or (getattr(self, "bitrate", None) is None
+                                   and getattr(self, "qp", None) is None):
+            quality = Quality.MEDIUM if quality is None else quality
+            table = {Quality.VERY_LOW: 3, Quality.LOW: 4, Quality.MEDIUM: 7,
+                     Quality.HIGH: 10, Quality.VERY_HIGH: 14}
+            ratio = _complexity(self) / (1920 * 1080 * 30)
+            self.bitrate = int(table[quality] * 1000000 * ratio ** 0.5)
+
+    def _start(self):
+        preset = "ultrafast"
+        x264_profile = None
+        if self.profile is not None:
+            if not isinstance(self.profile, str):
+                raise RuntimeError("Profile should be a string value")
+            profile = next((p for p in self.profiles if p.lower() == self.profile.lower()), None)
+            if not profile:
+                raise RuntimeError("Profile " + self.profile + " not recognised")
+            x264_profile = self._x264_profiles.get(profile)
+            if "baseline" not in profile.lower():
+                preset = "superfast"
+        if self.preset:
+            preset = self.preset
+        self._external(bitrate=self.bitrate, keyint=self.iperiod or 0, profile=x264_profile,
+                       qp=self.qp, preset=preset, repeat_headers=bool(self.repeat))
+        self._request_release_queue = collections.deque()
+        self._ready = collections.deque()
+        self._ended = threading.Event()
+        self._arrived = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="fake libav reader", daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        """Takes what the child writes, for the camera's thread to hand on."""
+        try:
+            while True:
+                got = self._next()
+                if got is None:
+                    break
+                with self._arrived:
+                    self._ready.append(got)
+                    while len(self._ready) > 64:  # nobody takes them (lavfi, camera stalled)
+                        self._ready.popleft()
+                    self._arrived.notify_all()
+        finally:
+            with self._arrived:
+                self._ended.set()
+                self._arrived.notify_all()
+
+    def _deliver(self, au, timestamp):
+        data = au.annex_b() if self.repeat else au.annex_b(lambda t: t not in (7, 8))
+        self.outputframe(data, au.keyframe, timestamp=timestamp)
+
+    def _encode(self, stream, request):
+        request.acquire()
+        self._request_release_queue.append(request)
+        if not self._feed(request):
+            raise self._failed()
+        if self.rig.picture == "scene":
+            # libav encodes the frame then and there: wait for its picture.
+            with self._arrived:
+                deadline = time.monotonic() + 5.0
+                while not self._ready and not self._ended.is_set():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._arrived.wait(left)
+                got = self._ready.popleft() if self._ready else None
+            if got is None:
+                raise self._failed()
+            self._deliver(*got)
+        else:
+            while True:
+                with self._arrived:
+                    got = self._ready.popleft() if self._ready else None
+                if got is None:
+                    break
+                self._deliver(*got)
+        while len(self._request_release_queue) > self._request_release_delay:
+            self._request_release_queue.popleft().release()
+
+    def _stop(self):
+        self._stopping = True
+        self._ffmpeg.end_input()
+        self._reader.join(5)
+        if not self.drop_final_frames:
+            while self._ready:
+                self._deliver(*self._ready.popleft())
+        while self._request_release_queue:
+            self._request_release_queue.popleft().release()
+        self._ffmpeg.stop()
