@@ -163,6 +163,8 @@ class Rig:
         self.closed = 0
         self.configurations = []
         self.frames = 0
+        #: Frames whose pixels were drawn (asked for by a capture or an encoder).
+        self.drawn = 0
         #: Captures asked for (capture_buffer, _array, _request), done or not.
         self.captures_asked = 0
         self.picamera2 = types.ModuleType("picamera2")
@@ -515,6 +517,7 @@ class Picamera2:
         number, stride = self.rig.frames, config["main"]["stride"]
 
         def draw():
+            self.rig.drawn += 1
             planes = flipped(scene(width, height, number), transform.hflip, transform.vflip)
             return yuv420_buffer(planes, stride)
 

@@ -14,9 +14,16 @@ copied out of picamera2's buffer, so every camera has one frame geometry and
 the encoder's command is known before the camera is opened.  Where the rows
 already line up (640, 1280, 1920 pixels wide) that is one plain copy; where
 they do not it is a strided copy (bench/picamera2 prints what each costs).
+
+With H.264 (L{Picamera2Source.run_h264}) no frame crosses Python: picamera2's
+C{H264Encoder} (the hardware encoder of a Pi up to the 4; libx264 through
+libav, under the same name, on a Pi 5) encodes the main stream, and an
+C{Output} of ours takes each access unit from C{outputframe}.
 """
 
+import importlib
 import threading
+import time
 
 from twisted.logger import Logger
 
@@ -102,9 +109,73 @@ class FrameLayout:
         return out.tobytes()
 
 
+def boottime():
+    """Seconds since boot on the clock of libcamera's SensorTimestamp
+    (CLOCK_BOOTTIME; the same as CLOCK_MONOTONIC on a Pi, which never sleeps)."""
+    clock = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(clock) if clock is not None else time.monotonic()
+
+
+#: Capture times older than this (seconds) are not believed: the encoder's
+#: clock is then not the one we think, and the time of arrival is used.
+_MAX_AGE = 5.0
+
+_output_classes = {}
+
+
+def access_unit_output(base):
+    """An C{Output} class (a subclass of picamera2's C{base}) whose
+    C{outputframe} hands each encoded picture to C{output.access_unit}."""
+    if base in _output_classes:
+        return _output_classes[base]
+
+    class AccessUnitOutput(base):
+        """Takes the encoder's pictures, on the thread the encoder calls it
+        from (its own, or on a Pi 5 the camera's): it never blocks and never
+        raises into picamera2, whose encoder thread would die of it; an error
+        is kept for the capture loop to raise."""
+
+        def __init__(self, output, encoder, clock=time.time, boot_clock=boottime):
+            super().__init__()
+            self._output = output
+            self._encoder = encoder
+            self._clock = clock
+            self._boot_clock = boot_clock
+            self.error = None
+            self.pictures = 0
+
+        def outputframe(self, frame, keyframe=True, timestamp=None, packet=None, audio=False):
+            if audio or frame is None or self.error is not None:
+                return
+            try:
+                self._output.access_unit(bytes(frame), bool(keyframe), self.captured_at(timestamp))
+                self.pictures += 1
+            except Exception as e:
+                self.error = e
+
+        def captured_at(self, timestamp):
+            """When the picture with C{timestamp} (microseconds after the
+            encoder's first frame, whose sensor time in microseconds since
+            boot is C{encoder.firsttimestamp}) was captured, in seconds
+            since the epoch; the time of arrival if the encoder cannot say."""
+            now = self._clock()
+            first = getattr(self._encoder, "firsttimestamp", None)
+            if timestamp is None or first is None:
+                return now
+            age = self._boot_clock() - (first + timestamp) / 1e6
+            if -0.05 <= age <= _MAX_AGE:
+                return now - max(0.0, age)
+            return now
+
+    _output_classes[base] = AccessUnitOutput
+    return AccessUnitOutput
+
+
 class Picamera2Source:
     name = "picamera2"
     log = Logger()
+    #: The camera encodes H.264 itself (L{run_h264}).
+    encodes_h264 = True
 
     #: How long one wait for a frame lasts; bounds how late a stop is seen.
     poll_interval = 0.1
@@ -124,6 +195,7 @@ class Picamera2Source:
         self.framerate = picture.framerate
         self.camera_num = camera_num
         self.model = model
+        self._encoder = None
 
     def describe(self):
         model = f" ({self.model})" if self.model else ""
@@ -169,6 +241,86 @@ class Picamera2Source:
                 camera.stop()
         finally:
             camera.close()
+
+    def _submodule(self, name):
+        """picamera2's C{encoders} or C{outputs} (loaded with the package)."""
+        module = getattr(self._picamera2, name, None)
+        if module is None:
+            module = importlib.import_module(f"{self._picamera2.__name__}.{name}")
+        return module
+
+    def encoder(self, encoding):
+        """The C{H264Encoder} for C{encoding} (C{.bitrate}, C{.keyframe_interval},
+        C{.framerate}, C{.profile}): SPS and PPS before every IDR, an IDR
+        every keyframe interval."""
+        framerate = float(getattr(encoding, "framerate", None) or self.framerate)
+        iperiod = max(1, round(encoding.keyframe_interval * framerate))
+        H264Encoder = self._submodule("encoders").H264Encoder
+        options = dict(bitrate=int(encoding.bitrate), repeat=True, iperiod=iperiod,
+                       framerate=framerate)
+        try:
+            return H264Encoder(profile=encoding.profile, **options)
+        except TypeError:
+            # picamera2 before 0.3.17 has no profile: the encoder's default
+            # (no B-frames either way).
+            self.log.warn("picamera2's H264Encoder takes no profile here; "
+                          "the camera's encoder chooses one")
+            return H264Encoder(**options)
+
+    def run_h264(self, output, stopping, encoding):
+        """Record H.264 until C{stopping} is set, handing each access unit to
+        C{output.access_unit(data, keyframe, captured_at)} from the encoder's
+        thread; the camera is always closed.  Raises if the encoder fails."""
+        Output = self._submodule("outputs").Output
+        camera = self._picamera2.Picamera2(self.camera_num)
+        try:
+            camera.configure(self.configuration(camera))
+            stream = camera.stream_configuration("main")
+            size = tuple(stream["size"])
+            g = self.geometry
+            if size != (g.width, g.height):
+                self.log.warn("picamera2 gives {actual} instead of {asked}",
+                              actual="x".join(map(str, size)), asked=f"{g.width}x{g.height}")
+            encoder = self.encoder(encoding)
+            taker = access_unit_output(Output)(output, encoder)
+            try:
+                camera.start_recording(encoder, taker)
+            except BaseException:
+                self._abandon(camera, encoder)
+                raise
+            self._encoder = encoder
+            try:
+                while not stopping.wait(self.poll_interval):
+                    if taker.error is not None:
+                        raise taker.error
+                    thread = getattr(encoder, "thread", None)
+                    if thread is not None and not thread.is_alive():
+                        raise RuntimeError("picamera2's H.264 encoder stopped "
+                                           "(its thread ended)")
+            finally:
+                self._encoder = None
+                camera.stop_recording()
+        finally:
+            camera.close()
+
+    def _abandon(self, camera, encoder):
+        """Stops C{encoder} if it started before recording failed to."""
+        if encoder not in getattr(camera, "encoders", ()):
+            return  # it did not start (or failed starting): nothing to stop
+        try:
+            camera.stop_encoder(encoder)
+        except Exception as e:
+            self.log.warn("picamera2's H.264 encoder did not stop cleanly ({why})", why=e)
+
+    def request_keyframe(self):
+        """Asks the camera's encoder for an IDR as soon as it can (from any
+        thread); False if it cannot (not recording, or a picamera2 before
+        0.3.32, which has no force_key_frame)."""
+        force = getattr(self._encoder, "force_key_frame", None)
+        if force is None:
+            return False
+        force()
+        return True
 
     def _next_buffer(self, camera, stopping):
         """The next frame's buffer, or None if C{stopping} was set meanwhile.
