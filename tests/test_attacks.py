@@ -469,6 +469,37 @@ class Dribblers:
             self._close(conn, time.monotonic())
         self.selector.close()
 
+    def shut(self):
+        """Hang up every open connection our side (shutdown for writing:
+        the server reads the end of them); L{pump} then notes the server's
+        close of each."""
+        for conn in self.open():
+            try:
+                conn["sock"].shutdown(socket.SHUT_WR)
+            except OSError:  # never connected
+                self._close(conn, time.monotonic())
+                continue
+            if not conn["connected"]:  # connected meanwhile
+                conn["connected"] = True
+                self.selector.modify(conn["sock"], selectors.EVENT_READ, conn)
+
+
+def hang_up(groups, seconds):
+    """Every connection of the L{Dribblers} C{groups} hangs up, and the
+    server's close of each is waited for (at most C{seconds} in all): the
+    server then no longer holds their descriptors.  Returns how many it
+    had not closed by then; the groups are closed."""
+    for g in groups:
+        g.shut()
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and any(g.open() for g in groups):
+        for g in groups:
+            g.pump(0.05)
+    left = sum(len(g.open()) for g in groups)
+    for g in groups:
+        g.close()
+    return left
+
 
 def dribble(targets, count, seconds, every=2.0, during=None, during_every=1.0):
     """For each (port, source addresses) in C{targets}, C{count} connections
@@ -911,8 +942,11 @@ def test_parallel_guesses_cost_at_most_ten_hashes(guarded):
     idle = cpu_rate(guarded.pid)
     cpu0, wall0 = cpu_seconds(guarded.pid), time.monotonic()
     guesses, mine = guess_flood(guarded.http, attacker, 60, user_source=user, user_auth=GOOD)
-    # The hashes that were started finish (on the daemon's threads) within this.
-    time.sleep(max(0.0, wall0 + 2.5 - time.monotonic()))
+    # Every guess answered: each hash started has finished (a guess that is
+    # hashed is answered once its hash is done, as is one that waits for
+    # the same hash).
+    unanswered = [g for g in guesses if g.status is None]
+    assert unanswered == [], f"{len(unanswered)} of 60 guesses not answered within 3 s"
     cost = cpu_seconds(guarded.pid) - cpu0 - idle * (time.monotonic() - wall0)
     assert mine.status == 200 and mine.seconds is not None and mine.seconds < 0.5, \
         f"the user who logged in before waited: {mine!r} ({mine.seconds}s)"
@@ -1026,11 +1060,9 @@ def test_running_out_of_descriptors_is_survived():
                     streams.pump(0.05)
                 assert daemon.process.poll() is None, "the daemon exited"
             finally:
-                pending.close()
-                streams.close()
-            deadline = time.monotonic() + 10
-            while not new_viewer(target.http) and time.monotonic() < deadline:
-                time.sleep(0.2)  # the daemon frees the closed connections' files
+                # Once it has closed them all, their files are free.
+                left = hang_up([pending, streams], 10)
+            assert left == 0, f"{left} connections hung up on were not closed by the daemon"
             assert new_viewer(target.http), "no new viewer once the connections were gone"
             assert new_viewer(target.ws), "no new viewer on the stream's port"
             assert page_load(target.http) == 200
