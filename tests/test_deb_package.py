@@ -19,6 +19,7 @@ the end.  Nothing the test checks depends on that index.
 
 import grp
 import http.client
+import json
 import os
 import pwd
 import re
@@ -489,6 +490,45 @@ def test_the_installed_daemon_run_as_its_unit_runs_it_serves_the_page_and_the_st
     assert code in (0, -signal.SIGTERM), daemon.output()[-3000:]
     assert seconds < 5
     assert processes_of_user() == []
+
+
+def test_the_installed_daemon_streams_h264_that_decodes(build, tmp_path):
+    # --codec h264 on Debian's own Python, Twisted and Autobahn: the test
+    # pattern through the ffmpeg package's libx264, as the service runs it.
+    with open(DEFAULTS) as f:
+        kept = f.read()
+    with open(DEFAULTS, "w") as f:
+        f.write(set_options(kept, CHANGED_OPTS + " --codec=h264 --framerate=30"))
+    try:
+        with UnitDaemon() as daemon:
+            ws = websocket.create_connection(
+                f"ws://127.0.0.1:{daemon.http_port}/stream", timeout=10)
+            try:
+                first = ws.recv()
+                units = []
+                deadline = time.monotonic() + 10
+                while len(units) < 45 and time.monotonic() < deadline:
+                    message = ws.recv()
+                    if isinstance(message, bytes):
+                        units.append(message)
+            finally:
+                ws.close()
+            code, _ = daemon.stop(signal.SIGTERM, timeout=10)
+    finally:
+        with open(DEFAULTS, "w") as f:
+            f.write(kept)
+    assert code in (0, -signal.SIGTERM)
+    description = json.loads(first)["stream"]
+    assert (description["codec"], description["width"], description["height"]) == (
+        "h264", 640, 480)
+    assert description["profile"] == "Constrained Baseline"
+    assert len(units) == 45
+    assert units[0][0] & 1  # a keyframe first: a decoder starts at once
+    stream = tmp_path / "received.h264"
+    stream.write_bytes(b"".join(unit[9:] for unit in units))
+    decoded = run(["ffmpeg", "-v", "error", "-xerror", "-i", str(stream), "-f", "framemd5",
+                   "-"]).stdout
+    assert len([line for line in decoded.splitlines() if not line.startswith("#")]) == 45
 
 
 def test_remove_then_purge_leave_nothing_behind(build):
