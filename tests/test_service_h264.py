@@ -160,3 +160,26 @@ class H264ServiceTests(ServiceCase):
         assert service.stats.gather()["stream"]["codec"] == "mpeg1"
         assert "profile" not in service.stats.gather()["stream"]
 
+
+    def test_a_corrupt_picture_is_dropped_and_the_page_told_until_a_keyframe(self):
+        service = self.build_h264()
+        network = Network(service.site, self.reactor, port=8082)
+        page = network.connect(path="/stream", protocols=["pistream"])
+        all_packets = packets(self.small)
+        self.ffmpeg_writes(b"".join(all_packets[:len(all_packets) // 3]))
+        network.flush()
+        before = len(self.pictures(page.client))
+        assert before >= 3 and not self.pictures(page.client)[-1].keyframe
+        # ffmpeg's next picture arrives damaged: its slice's NAL header has
+        # the forbidden bit set (as a corrupted transfer can leave it)
+        service.h264.feed(b"\x00\x00\x00\x01\xe1" + bytes(40), None)
+        self.ffmpeg_writes(b"".join(all_packets[len(all_packets) // 3:]))
+        network.flush()
+        statuses = [json.loads(t) for t in page.client.texts() if b'"video"' in t]
+        assert [s["video"] for s in statuses] == ["corrupt", "ok"]
+        assert statuses[0]["why"]
+        after = self.pictures(page.client)[before:]
+        # nothing between the damage and the next keyframe: no decoder is fed
+        # a picture whose reference it never got
+        assert after and after[0].keyframe
+        assert service.stats.gather()["stream"]["access_units_dropped"] >= 1

@@ -11,7 +11,9 @@
  * (8 bytes, big-endian; 0 when unknown), then the access unit in Annex B.
  * Other text messages (asked for with the "pistream" subprotocol) are JSON
  * status: {"viewers": n}, {"camera": "ok"} or {"camera": "unavailable",
- * "why": "..."}, and the same for "encoder".
+ * "why": "..."}, and the same for "encoder"; with H.264, {"video": "corrupt"}
+ * or {"video": "waiting"} while the daemon holds pictures back until the next
+ * keyframe (a damaged one, or none with parameter sets yet), then "ok".
  *
  * Each way of playing is a small player object, made for a connection once
  * its first message says what the stream is: Mpeg1Player (JSMpeg's parts),
@@ -79,7 +81,8 @@
   // What tests, the overlay and curious people can read from the console.
   var state = window.pistream = {
     state: 'connecting', frames: 0, drawn: 0, overtaken: 0, width: 0, height: 0,
-    connects: 0, url: '', bytes: 0, viewers: null, camera: 'ok', encoder: 'ok', why: '',
+    connects: 0, url: '', bytes: 0, viewers: null, camera: 'ok', encoder: 'ok', video: 'ok',
+    why: '',
     renderer: '', decoder: '',
     // The stream: 'mpeg1' or 'h264'; for H.264 the stream message's
     // settings, and what the page sees of it: keyframes, the time between
@@ -913,12 +916,19 @@
     if ('viewers' in message) { state.viewers = message.viewers; }
     if ('camera' in message) { state.camera = message.camera; }
     if ('encoder' in message) { state.encoder = message.encoder; }
-    if (('camera' in message || 'encoder' in message) && !state.notice) {
+    if ('video' in message) { state.video = message.video; }
+    if (('camera' in message || 'encoder' in message || 'video' in message) &&
+        !state.notice) {
       if ('why' in message) { state.why = message.why; }
       if (state.camera === 'unavailable') {
         show('camera unavailable');
       } else if (state.encoder === 'unavailable') {
         show('encoder stopped');
+      } else if (state.video === 'corrupt') {
+        // The daemon dropped damaged pictures: the next keyframe mends it.
+        show('picture damaged: waiting for a keyframe');
+      } else if (state.video === 'waiting') {
+        show('waiting for a keyframe');
       } else if (state.frames > 0) {
         show('playing');
       }
