@@ -355,3 +355,40 @@ def test_the_mpeg1_page_names_its_codec_and_decoder_too(browser, default_daemon)
         ctx.close()
     assert lines[0] == "640\u00d7480"
     assert lines[4:] == ["MPEG-1", "JSMpeg (WebAssembly)"], lines
+
+
+def test_the_daemon_with_codec_h264_plays_in_the_page(browser):
+    """End to end: the daemon's test pattern through libx264 in its ffmpeg,
+    its H.264 stage and fan-out, to WebCodecs in the page at 127.0.0.1; a
+    second page opened in mid-group shows its first picture at once."""
+    from tests.daemon import Daemon
+    with Daemon("--codec", "h264", "--framerate", "30", "--keyframe-interval", "2",
+                "--ws-port", "off") as daemon:
+        ctx, page = open_page(browser, daemon.base_url + "#stats")
+        try:
+            wait_for_drawn(page, 45)
+            assert state(page, "codec", "decoder", "width", "height", "state", "profile") == \
+                ["h264", "WebCodecs", 640, 480, "playing", "Constrained Baseline"]
+            canvas = page.locator("#video")
+            first = picture(canvas.screenshot())
+            drawn = page.evaluate("window.pistream.drawn")
+            wait_for_drawn(page, drawn + 15)
+            second = picture(canvas.screenshot())
+            page.wait_for_function(
+                "() => /WebCodecs/.test(document.getElementById('overlay').textContent)",
+                timeout=10_000)
+            complaints = list(page.complaints)
+            # a newcomer, somewhere in the group of pictures
+            late_ctx, late = open_page(browser, daemon.base_url)
+            try:
+                wait_for_drawn(late, 0)
+                assert state(late, "codec", "skipped", "resets") == ["h264", 0, 0]
+            finally:
+                late_ctx.close()
+        finally:
+            ctx.close()
+    # the test pattern moves: two pictures half a second apart differ
+    assert ImageStat.Stat(ImageChops.difference(first, second)).mean != [0, 0, 0]
+    # and it is the test pattern, not a blank canvas
+    assert max(ImageStat.Stat(first).stddev) > 20
+    assert complaints == []

@@ -36,6 +36,7 @@ def libx264_ts(size, frames, gop):
 def streams(request):
     request.cls.small = libx264_ts("320x240", 30, 10)
     request.cls.large = libx264_ts("640x360", 10, 10)
+    request.cls.long = libx264_ts("320x240", 120, 10)
 
 
 def packets(ts):
@@ -183,3 +184,41 @@ class H264ServiceTests(ServiceCase):
         # a picture whose reference it never got
         assert after and after[0].keyframe
         assert service.stats.gather()["stream"]["access_units_dropped"] >= 1
+
+    def test_a_slow_viewer_skips_to_a_keyframe_and_slows_nobody(self):
+        service = self.build_h264("--backlog", "16k")
+        network = Network(service.site, self.reactor, port=8082)
+        healthy = network.connect(path="/stream")
+        slow = network.connect(path="/stream", capacity=8 * 1024)
+        viewer_of = {v.transport: v for v in service.fanout.viewers.values()}
+        slow.transport.reading = False  # it stops reading from its socket
+        all_packets = packets(self.long)
+        cut = len(all_packets) * 3 // 4
+        self.ffmpeg_writes(b"".join(all_packets[:cut]))
+        network.flush()
+        assert viewer_of[healthy.transport].skips == 0
+        assert viewer_of[slow.transport].skips >= 1
+        assert viewer_of[slow.transport].queued <= service.fanout.backlog_limit
+        slow.transport.reading = True
+        network.flush()
+        rest = all_packets[cut:]
+        for i in range(0, len(rest), 10):  # in time: the network moves meanwhile
+            self.ffmpeg_writes(b"".join(rest[i:i + 10]))
+            network.flush()
+        live = self.pictures(healthy.client)
+        assert len(live) == 120  # the healthy viewer lost nothing
+        got = self.pictures(slow.client)
+        assert 10 < len(got) < 120
+        # what it got decodes: each run of consecutive pictures begins at a
+        # keyframe (the first run, and every one after a skip)
+        index = {p.access_unit: i for i, p in enumerate(live)}
+        assert len(index) == 120  # every picture differs
+        starts, previous = [], None
+        for p in got:
+            i = index[p.access_unit]
+            if previous is None or i != previous + 1:
+                starts.append(p)
+            previous = i
+        assert len(starts) >= 2
+        assert all(p.keyframe for p in starts)
+        assert index[got[-1].access_unit] == 119  # and it is live again
