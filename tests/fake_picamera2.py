@@ -1332,9 +1332,12 @@ class H264Encoder(_ExternalH264):
                 raise self._failed()
         except Exception as e:
             # As an exception out of the real encoder's thread: said on
-            # stderr, and the thread is gone.
+            # stderr, and the thread is gone; nothing takes the device's
+            # output any more (here: the child is ended, so that the camera's
+            # thread is not held up writing to it).
             print(f"Exception in thread {threading.current_thread().name}: "
                   f"{type(e).__name__}: {e}", file=sys.stderr)
+            self._ffmpeg.process.kill()
 
     def _stop(self):
         self._stopping = True
