@@ -470,9 +470,11 @@ class PiCamera:
             warnings.warn(PiCameraResolutionRounded(
                 f"frame size rounded up from {width}x{height} to "
                 f"{_align(width, 32)}x{_align(height, 16)}"))
-        hardware.recordings.append({
-            "resolution": self.resolution, "framerate": self.framerate,
-            "vflip": self.vflip, "hflip": self.hflip, "format": format, "options": options})
+        recording = {"resolution": self.resolution, "framerate": self.framerate,
+                     "vflip": self.vflip, "hflip": self.hflip, "format": format}
+        if options:
+            recording["options"] = options
+        hardware.recordings.append(recording)
         if format == "h264":
             self._recording = _H264Recording(self, output, h264)
             self._recording.start()
