@@ -9,8 +9,12 @@ only timer is its bound.  Code that takes a clock is driven on one instead
 (task.Clock, tests/fakes/inmemory.py), with no waiting at all.
 """
 
+import time
+
 from twisted.internet import defer, reactor, task
 from twisted.python.failure import Failure
+
+from pistreaming.mpegts import PACKET, video_pes_start
 
 
 class _Wait:
@@ -148,3 +152,24 @@ def with_timeout(d, timeout, what="operation"):
 
     d.addBoth(done)
     return result
+
+
+def collect_pictures(ws, count, timeout=10.0):
+    """The stream's binary messages, read from C{ws} (a websocket-client
+    connection, past the header) until they hold C{count} pictures, for at
+    most C{timeout} seconds; each must be whole TS packets.  (The daemon
+    sends each picture whole, so the last one decodes.)"""
+    chunks, pictures = [], 0
+    deadline = time.monotonic() + timeout
+    while pictures < count:
+        left = deadline - time.monotonic()
+        assert left > 0, f"{pictures} pictures of {count} within {timeout}s"
+        ws.settimeout(left)
+        opcode, data = ws.recv_data()
+        assert opcode == 0x2, f"opcode {opcode}, not a binary message"
+        assert len(data) % PACKET == 0 and len(data) > 0
+        assert all(data[i] == 0x47 for i in range(0, len(data), PACKET))
+        chunks.append(data)
+        pictures += sum(1 for i in range(0, len(data), PACKET)
+                        if video_pes_start(data[i:i + PACKET]))
+    return b"".join(chunks)

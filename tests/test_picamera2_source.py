@@ -22,8 +22,8 @@ from pistreaming.options import Config
 from tests.daemon import Daemon
 from tests.fake_picamera2 import (
     JUNK, QUADRANTS, Rig, flipped, frame_number, scene, yuv420_buffer)
-from tests.helpers import Arrivals, Events, with_timeout
-from tests.test_stream import collect, connect, decode_last_picture, read_header
+from tests.helpers import Arrivals, Events, collect_pictures, with_timeout
+from tests.test_stream import connect, decode_last_picture, read_header
 
 
 def padded_frame(buffer, size, stride, geometry):
@@ -412,7 +412,7 @@ def test_the_daemon_streams_the_camera_upright_at_its_size_and_rate(tmp_path):
         ws = connect(f"ws://127.0.0.1:{daemon.http_port}/stream")
         try:
             assert read_header(ws) == (width, height)
-            data = collect(ws, 3.0)
+            data = collect_pictures(ws, 8)
         finally:
             ws.close()
     y, u, v = decode_last_picture(data, width, height, tmp_path)

@@ -21,7 +21,7 @@ from pistreaming.frames import FrameGeometry
 from pistreaming.options import Config
 from tests.daemon import Daemon
 from tests.fakes import picamera as fake
-from tests.helpers import Arrivals, Events, from_threads_taken, with_timeout
+from tests.helpers import Arrivals, Events, collect_pictures, from_threads_taken, with_timeout
 
 FAKES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakes")
 
@@ -171,7 +171,7 @@ def test_the_daemon_streams_the_camera_cropped_clean_at_1296x730(tmp_path):
     """auto picks the (fake) camera; its padded, junk-edged frames come out of
     the real ffmpeg at 1296x730 with straight edges and no junk."""
     import websocket
-    from tests.test_stream import collect, read_header
+    from tests.test_stream import read_header
     width, height = 1296, 730
     env = {"PYTHONPATH": FAKES, "FAKE_PICAMERA": "present"}
     with Daemon("--resolution", f"{width}x{height}", "--framerate", "15",
@@ -181,7 +181,7 @@ def test_the_daemon_streams_the_camera_cropped_clean_at_1296x730(tmp_path):
                                          timeout=10)
         try:
             assert read_header(ws) == (width, height)
-            data = collect(ws, 2.5)
+            data = collect_pictures(ws, 8)
         finally:
             ws.close()
     luma = decode(data, tmp_path)
