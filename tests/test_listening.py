@@ -80,8 +80,11 @@ class PortOnAClock(unittest.TestCase):
     def setUp(self):
         self.clock = MemoryReactorClock()
         self.logged = []
-        observer = lambda event: event.get("log_namespace") == listening.__name__ \
-            and self.logged.append(formatEvent(event))  # noqa: E731
+
+        def observer(event):
+            if event.get("log_namespace") == listening.__name__:
+                self.logged.append(formatEvent(event))
+
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
 
