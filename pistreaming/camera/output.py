@@ -1,4 +1,5 @@
-"""The hand-off from a camera's thread to the reactor.
+"""The hand-off from a camera's thread to the reactor (raw frames, or the
+H.264 access units of a camera that encodes: L{AccessUnitOutput}).
 
 A camera library calls ``FrameOutput.write(buf)`` on its own thread, as
 picamera does with custom outputs.  ``write`` must return at once or the
@@ -72,3 +73,69 @@ class FrameOutput:
         with self._lock:
             self._pending -= 1
         self._deliver(frame, captured_at)
+
+
+class AccessUnitOutput:
+    """The hand-off of H.264 access units from a camera's encoder thread to
+    the reactor, as L{FrameOutput} is for raw frames.
+
+    C{access_unit} must return at once, so it only schedules the access unit
+    on the reactor with C{callFromThread}.  When the reactor has not taken
+    the ones already handed over (more than L{max_pending}), the new one is
+    dropped and counted.  A decoder cannot show a picture whose reference
+    was dropped, so after a drop nothing more is handed over until the next
+    keyframe (an IDR, which needs nothing before it), and C{on_gap} is called
+    in the reactor thread (to ask the camera for that keyframe soon).
+    """
+
+    #: Access units handed to the reactor but not yet taken; more are dropped.
+    max_pending = 3
+
+    def __init__(self, deliver, call_from_thread, on_gap=None, clock=time.time):
+        """
+        @param deliver: called in the reactor thread with each access unit
+            (bytes, Annex B), whether it is a keyframe, and its capture time
+            (seconds since the epoch).
+        @param call_from_thread: the reactor's C{callFromThread}.
+        @param on_gap: called in the reactor thread, without arguments, when
+            access units start being dropped.
+        @param clock: the capture time of access units whose source does not say.
+        """
+        self._deliver = deliver
+        self._call_from_thread = call_from_thread
+        self._on_gap = on_gap
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending = 0
+        #: After a drop: nothing is handed over until a keyframe.
+        self.waiting_for_keyframe = False
+        self.frames_captured = 0
+        self.frames_dropped = 0
+        #: How many times dropping began (each a gap until the next keyframe).
+        self.gaps = 0
+
+    def access_unit(self, data, keyframe, captured_at=None):
+        """Take one access unit from the camera's encoder (any thread)."""
+        if captured_at is None:
+            captured_at = self._clock()
+        hand_over = gap = False
+        with self._lock:
+            self.frames_captured += 1
+            if self._pending >= self.max_pending or (self.waiting_for_keyframe and not keyframe):
+                self.frames_dropped += 1
+                if not self.waiting_for_keyframe:
+                    self.waiting_for_keyframe = gap = True
+                    self.gaps += 1
+            else:
+                self.waiting_for_keyframe = False
+                self._pending += 1
+                hand_over = True
+        if hand_over:
+            self._call_from_thread(self._take, data, keyframe, captured_at)
+        elif gap and self._on_gap is not None:
+            self._call_from_thread(self._on_gap)
+
+    def _take(self, data, keyframe, captured_at):
+        with self._lock:
+            self._pending -= 1
+        self._deliver(data, keyframe, captured_at)

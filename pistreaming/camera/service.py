@@ -11,6 +11,12 @@ service's own pool (deferToThreadPool), for the same reason.
 
 The service says how the camera is doing ("starting", "ok", "unavailable")
 through C{on_state}, so that viewers can be told.
+
+In H.264 mode (C{encoding} given) the source's own encoder records
+(C{source.run_h264}), and the sink gets access units instead of frames
+(pistreaming.camera.output.AccessUnitOutput); everything else is the same,
+each access unit counting as a frame.  C{request_keyframe} asks the camera
+for an IDR, at most once a second.
 """
 
 import threading
@@ -21,7 +27,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pistreaming.camera.output import FrameOutput
+from pistreaming.camera.output import AccessUnitOutput, FrameOutput
 
 
 def _daemon_thread(*args, **kwargs):
@@ -56,12 +62,21 @@ class CameraService(TimerService):
     #: intervals) has stalled.
     stall_timeout = 4.0
 
-    def __init__(self, source, frame_size, sink, reactor, on_state=None, watch_interval=0.5):
+    #: Seconds from one keyframe asked of the camera to the next, at least.
+    keyframe_request_interval = 1.0
+
+    def __init__(self, source, frame_size, sink, reactor, on_state=None, watch_interval=0.5,
+                 encoding=None):
         """
+        @param frame_size: bytes in a raw frame (unused in H.264 mode).
         @param sink: called in the reactor thread with each frame and its
-            capture time.
+            capture time; in H.264 mode with each access unit (bytes, Annex
+            B), whether it is a keyframe, and its capture time.
         @param on_state: called with (state, why) when the camera's state changes.
         @param watch_interval: seconds between checks for a stalled run.
+        @param encoding: for H.264 mode, what the camera's encoder is asked
+            for (C{.bitrate}, C{.keyframe_interval}, C{.framerate},
+            C{.profile}); the source must have C{run_h264}.  None: raw frames.
         """
         super().__init__(watch_interval, self._check_stall)
         self.clock = reactor
@@ -70,6 +85,7 @@ class CameraService(TimerService):
         self.sink = sink
         self.reactor = reactor
         self.on_state = on_state
+        self.encoding = encoding
         self.failures = 0
         self.state = "starting"
         framerate = float(getattr(source, "framerate", 0) or 0)
@@ -83,6 +99,15 @@ class CameraService(TimerService):
         self._retired_dropped = 0
         self._pool = None
         self._active = set()  # runs whose threads have not returned
+        self._keyframe_asked_at = None
+        self._keyframe_later = None
+        #: Keyframes asked of the camera (after coalescing).
+        self.keyframes_requested = 0
+
+    @property
+    def h264(self):
+        """Whether the camera's own H.264 encoder records."""
+        return self.encoding is not None
 
     @property
     def watch_interval(self):
@@ -117,7 +142,7 @@ class CameraService(TimerService):
 
     # frames
     def _deliverer(self, run):
-        def deliver(frame, captured_at):
+        def deliver(*unit):
             if run is not self._run or run.given_up or not self.running:
                 return  # a run that was given up, still delivering
             run.last_frame_at = self.reactor.seconds()
@@ -127,8 +152,55 @@ class CameraService(TimerService):
                                   camera=self.source.name)
                 self.failures = 0
                 self._set_state("ok")
-            self.sink(frame, captured_at)
+            self.sink(*unit)
         return deliver
+
+    def _gap(self, run):
+        """Access units were dropped: ask the camera for a keyframe."""
+        def gap():
+            if run is self._run and not run.given_up and self.running:
+                self.request_keyframe()
+        return gap
+
+    def request_keyframe(self):
+        """Asks the camera's encoder for an IDR soon (in the reactor thread),
+        at most once every L{keyframe_request_interval} seconds: asked
+        within that time of the last, it is asked once when that time is up.
+
+        @return: False if the camera cannot (raw frames, a source without
+            keyframes on request, no run under way), else True.
+        """
+        run = self._run
+        if (not self.h264 or run is None or run.given_up or not self.running
+                or not hasattr(self.source, "request_keyframe")):
+            return False
+        if self._keyframe_later is not None:
+            return True  # already to be asked
+        now = self.reactor.seconds()
+        last = self._keyframe_asked_at
+        if last is not None and now - last < self.keyframe_request_interval:
+            self._keyframe_later = self.reactor.callLater(
+                last + self.keyframe_request_interval - now, self._ask_keyframe_later)
+            return True
+        return self._ask_keyframe()
+
+    def _ask_keyframe_later(self):
+        self._keyframe_later = None
+        run = self._run
+        if run is not None and not run.given_up and self.running:
+            self._ask_keyframe()
+
+    def _ask_keyframe(self):
+        self._keyframe_asked_at = self.reactor.seconds()
+        try:
+            asked = bool(self.source.request_keyframe())
+        except Exception as e:
+            self.log.warn("camera {camera}: a keyframe could not be asked for ({why})",
+                          camera=self.source.name, why=e)
+            return False
+        if asked:
+            self.keyframes_requested += 1
+        return asked
 
     # lifecycle
     def startService(self):
@@ -146,12 +218,18 @@ class CameraService(TimerService):
             self._retired_dropped += self._run.output.frames_dropped
         self._runs += 1
         run = _Run(self._runs, None)
-        run.output = FrameOutput(self.frame_size, self._deliverer(run),
-                                 self.reactor.callFromThread)
+        if self.h264:
+            run.output = AccessUnitOutput(self._deliverer(run), self.reactor.callFromThread,
+                                          on_gap=self._gap(run))
+            capture, args = self.source.run_h264, (run.output, run.stop, self.encoding)
+        else:
+            run.output = FrameOutput(self.frame_size, self._deliverer(run),
+                                     self.reactor.callFromThread)
+            capture, args = self.source.run, (run.output, run.stop)
         run.started_at = self.reactor.seconds()
         self._run = run
         self._active.add(run)
-        d = deferToThreadPool(self.reactor, self._pool, self.source.run, run.output, run.stop)
+        d = deferToThreadPool(self.reactor, self._pool, capture, *args)
 
         def ended(result):
             self._active.discard(run)
@@ -205,6 +283,9 @@ class CameraService(TimerService):
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
         self._retry = None
+        if self._keyframe_later is not None and self._keyframe_later.active():
+            self._keyframe_later.cancel()
+        self._keyframe_later = None
         run, running, self._running = self._run, self._running, None
         if run is not None:
             run.stop.set()
