@@ -350,6 +350,7 @@ class Picamera2:
         self._thread = None
         self._running = False
         self._encoders = set()
+        self._drawn_scene = None
         self.encode_stream_name = None
         # The sensor's limits (FrameDurationLimits: min, max, default in us).
         self.camera_ctrl_info = {"FrameDurationLimits": (
@@ -517,9 +518,21 @@ class Picamera2:
         number, stride = self.rig.frames, config["main"]["stride"]
 
         def draw():
+            # The scene of frame 0, drawn once, with this frame's number written in.
             self.rig.drawn += 1
-            planes = flipped(scene(width, height, number), transform.hflip, transform.vflip)
-            return yuv420_buffer(planes, stride)
+            key = (width, height, transform.hflip, transform.vflip, stride)
+            if self._drawn_scene is None or self._drawn_scene[0] != key:
+                planes = flipped(scene(width, height, 0), transform.hflip, transform.vflip)
+                self._drawn_scene = (key, yuv420_buffer(planes, stride))
+            buffer = self._drawn_scene[1].copy()
+            luma = buffer[:stride * height].reshape(height, stride)
+            digits = np.frombuffer((number % 2**32).to_bytes(4, "little"), np.uint8)
+            row = height - 1 if transform.vflip else 0
+            if transform.hflip:
+                luma[row, width - 4:width] = digits[::-1]
+            else:
+                luma[row, :4] = digits
+            return buffer
 
         request = CompletedRequest(self, draw, config, boottime_us() * 1000,
                                    config["controls"]["FrameDurationLimits"][0])
