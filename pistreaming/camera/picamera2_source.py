@@ -255,11 +255,20 @@ class Picamera2Source:
         every keyframe interval."""
         framerate = float(getattr(encoding, "framerate", None) or self.framerate)
         iperiod = max(1, round(encoding.keyframe_interval * framerate))
-        H264Encoder = self._submodule("encoders").H264Encoder
+        encoders = self._submodule("encoders")
+        H264Encoder = encoders.H264Encoder
         options = dict(bitrate=int(encoding.bitrate), repeat=True, iperiod=iperiod,
                        framerate=framerate)
+        profile = encoding.profile
+        libav = getattr(encoders, "LibavH264Encoder", None)
+        if (libav is not None and isinstance(H264Encoder, type) and issubclass(H264Encoder, libav)
+                and profile.lower() in ("baseline", "constrained baseline")):
+            # A Pi 5: libx264's ultrafast preset, which picamera2 uses, gives
+            # constrained baseline by itself; naming the profile would only
+            # add a dependence on PyAV's list of codec profiles.
+            profile = None
         try:
-            return H264Encoder(profile=encoding.profile, **options)
+            return H264Encoder(profile=profile, **options)
         except TypeError:
             # picamera2 before 0.3.17 has no profile: the encoder's default
             # (no B-frames either way).
