@@ -697,12 +697,18 @@ class Picamera2:
 #
 # The ffmpeg child's argv[0] is ENCODER_PROCESS_NAME, so that a benchmark can
 # tell the "hardware" encoder apart from the daemon's own children.
+#
+# Where the fake parts from picamera2: when the V4L2 encoder's thread dies,
+# picamera2's camera loop soon blocks for good (no output buffer comes back),
+# and stopping it hangs; here the camera goes on and frames are no longer
+# encoded.  The libav encoder, here too, raises out of the camera's loop,
+# which then ends (said on stderr, as picamera2 logs it).
 
 #: argv[0] of the ffmpeg child that plays a camera's hardware H.264 encoder.
 ENCODER_PROCESS_NAME = "fake-camera-h264-encoder"
 
-#: What the encoder thread of a V4L2 H264Encoder reads when the I-frame
-#: period is not set: the bcm2835 codec's default.
+#: The I-frame period of a V4L2 H264Encoder whose iperiod is not set: the
+#: bcm2835 codec driver's default for V4L2_CID_MPEG_VIDEO_H264_I_PERIOD.
 V4L2_DEFAULT_IPERIOD = 60
 
 

@@ -248,8 +248,8 @@ _H264_LEVELS = {
 #: picamera's profile names, and what libx264 calls each.
 _H264_PROFILES = {"baseline": "baseline", "main": "main", "high": "high",
                   "constrained": "baseline"}
-#: The I-frame period when none is given (the fake's choice: picamera asks
-#: the firmware for its default).
+#: The I-frame period when none is given (picamera asks the firmware; 60 is
+#: what the bcm2835 V4L2 drivers default MMAL_PARAMETER_INTRAPERIOD to).
 DEFAULT_INTRA_PERIOD = 60
 #: The size of the encoder's output buffers: a larger picture comes in pieces.
 BUFFER_SIZE = 65536
