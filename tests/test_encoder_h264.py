@@ -27,7 +27,7 @@ from pistreaming.encoder import (
 from pistreaming.frames import FrameGeometry
 from pistreaming.options import find_ffmpeg
 from tests.fakes.inmemory import SpawningReactor
-from tests.helpers import wait_until, with_timeout
+from tests.helpers import Arrivals, with_timeout
 
 FFMPEG = find_ffmpeg("ffmpeg")
 NAL_IDR, NAL_SEI, NAL_SPS, NAL_PPS, NAL_AUD = 5, 6, 7, 8, 9
@@ -174,7 +174,7 @@ class RealFFmpegTests(unittest.TestCase):
     timeout = 60
 
     def make(self, command, **kwargs):
-        self.units = []
+        self.units = Arrivals()
         encoder = Encoder(command, lambda data, captured: self.units.append((data, captured)),
                           reactor, codec="h264", **kwargs)
         encoder.term_after, encoder.kill_after = 0.5, 2.0
@@ -212,7 +212,7 @@ class RealFFmpegTests(unittest.TestCase):
             framerate=rate, frame_size=geometry.frame_size,
             timings=lambda *t: timings.append(t))
         yield self.feed_each(encoder, frames, times)
-        yield wait_until(lambda: len(self.units) >= count, 20, what="all access units")
+        yield self.units.until(lambda: len(self.units) >= count, 20, what="all access units")
         yield self.stop(encoder)
         units = [data for data, _ in self.units]
         assert len(units) == count
@@ -245,8 +245,8 @@ class RealFFmpegTests(unittest.TestCase):
 
         def wait_for_picture(number):
             written.append(time.time())
-            return wait_until(lambda: len(self.units) > number, 2, interval=0.001,
-                              what=f"access unit {number} before frame {number + 1}")
+            return self.units.until(lambda: len(self.units) > number, 2,
+                                    what=f"access unit {number} before frame {number + 1}")
 
         arrived = []
         sink = self.units.append
@@ -278,7 +278,7 @@ class RealFFmpegTests(unittest.TestCase):
                            h264_encoder=source.h264_encoder),
             framerate=rate, reads_stdin=False)
         count = 40
-        yield wait_until(lambda: len(self.units) >= count, 20, what="40 access units")
+        yield self.units.until(lambda: len(self.units) >= count, 20, what="40 access units")
         yield self.stop(encoder)
         units = [data for data, _ in self.units][:count]
         assert decoded_frames(units, tmp, width, height) == count
@@ -304,9 +304,11 @@ class RealFFmpegTests(unittest.TestCase):
                                  (["-re", "-f", "h264", "-framerate", "30", "-i", path,
                                    "-map", "0:v:0"], []),
                                  codec="h264", h264_encoder="copy")
-        encoder = self.make(command, framerate=30, reads_stdin=False)
-        yield wait_until(lambda: encoder.process is None and len(self.units) >= 45, 20,
-                         what="the whole file copied")
+        # (ffmpeg ends with the file: the encoder says so through on_state)
+        encoder = self.make(command, framerate=30, reads_stdin=False,
+                            on_state=lambda state, why: self.units.events.notify())
+        yield self.units.until(lambda: encoder.process is None and len(self.units) >= 45, 20,
+                               what="the whole file copied")
         units = [data for data, _ in self.units]
         assert len(units) == 45
         aud = b"\x00\x00\x00\x01\x09\xf0"
