@@ -132,13 +132,16 @@ class Rig:
             picamera2's H264Encoder is then its LibavH264Encoder.
         @param picture: what the H.264 encoder encodes: "scene", the camera's
             frames; or "lavfi", a moving picture ffmpeg makes itself (so
-            that no raw frame crosses Python: for CPU benchmarks).
+            that no raw frame crosses Python: for CPU benchmarks).  Raw
+            captures then get the same moving picture (a short loop of it,
+            made once), so that a raw path has as much to encode.
         @param ffmpeg: the ffmpeg that plays the H.264 encoder.
         """
         if picture not in ("scene", "lavfi"):
             raise ValueError(f"picture must be 'scene' or 'lavfi', not {picture!r}")
         self.pi5 = pi5
         self.picture = picture
+        self._moving_picture = None
         self.ffmpeg = ffmpeg
         #: Every H.264 encoder started, in order.
         self.encoders = []
@@ -182,6 +185,33 @@ class Rig:
         outputs.FileOutput = FileOutput
         self.libcamera = types.ModuleType("libcamera")
         self.libcamera.Transform = Transform
+
+    #: Frames in the loop of moving picture that raw captures get with
+    #: picture="lavfi" (made once, by ffmpeg, then copied as a camera's buffer is).
+    moving_frames = 15
+
+    def moving_picture(self, key, frame_us):
+        """With picture="lavfi": the loop of frames raw captures are copies
+        of, laid out as libcamera's buffers (C{key}: width, height, hflip,
+        vflip, stride), so that a raw path encodes a moving picture too."""
+        if self._moving_picture is None or self._moving_picture[0] != key:
+            width, height, hflip, vflip, stride = key
+            rate = 1e6 / frame_us
+            raw = subprocess.run(
+                [self.ffmpeg, "-hide_banner", "-loglevel", "error", "-nostdin", "-f", "lavfi",
+                 "-i", f"testsrc2=size={width}x{height}:rate={rate:g}",
+                 "-frames:v", str(self.moving_frames), "-f", "rawvideo", "-pix_fmt", "yuv420p",
+                 "-"], capture_output=True, check=True, timeout=60).stdout
+            size = width * height * 3 // 2
+            frames = []
+            for i in range(len(raw) // size):
+                data = np.frombuffer(raw, np.uint8, size, i * size)
+                y = data[:width * height].reshape(height, width)
+                u = data[width * height:width * height * 5 // 4].reshape(height // 2, width // 2)
+                v = data[width * height * 5 // 4:].reshape(height // 2, width // 2)
+                frames.append(yuv420_buffer(flipped((y, u, v), hflip, vflip), stride))
+            self._moving_picture = (key, frames)
+        return self._moving_picture[1]
 
     def import_module(self, name):
         """importlib.import_module for a machine where this is installed."""
@@ -518,9 +548,13 @@ class Picamera2:
         number, stride = self.rig.frames, config["main"]["stride"]
 
         def draw():
-            # The scene of frame 0, drawn once, with this frame's number written in.
             self.rig.drawn += 1
             key = (width, height, transform.hflip, transform.vflip, stride)
+            if self.rig.picture == "lavfi":
+                # The moving picture the encoder makes itself, for raw captures too.
+                loop = self.rig.moving_picture(key, config["controls"]["FrameDurationLimits"][0])
+                return loop[number % len(loop)].copy()
+            # The scene of frame 0, drawn once, with this frame's number written in.
             if self._drawn_scene is None or self._drawn_scene[0] != key:
                 planes = flipped(scene(width, height, 0), transform.hflip, transform.vflip)
                 self._drawn_scene = (key, yuv420_buffer(planes, stride))

@@ -355,3 +355,19 @@ def test_capture_times_come_from_the_sensor_timestamps():
     assert taker.captured_at(-30_000_000) == 5000.0  # not believed: 30 s old
     Encoder.firsttimestamp = None
     assert taker.captured_at(200_000) == 5000.0
+
+
+def test_with_lavfi_raw_captures_get_the_moving_picture_too():
+    # So that a raw path (--codec mpeg1) has as much to encode as the camera's encoder.
+    rig = Rig(picture="lavfi")
+    camera = rig.picamera2.Picamera2(0)
+    camera.configure(camera.create_video_configuration(
+        main={"size": (WIDTH, HEIGHT), "format": "YUV420"}))
+    camera.start()
+    try:
+        frames = [camera.capture_buffer("main") for _ in range(3)]
+    finally:
+        camera.close()
+    stride = rig.configurations[0]["main"]["stride"]
+    assert all(len(f) == stride * HEIGHT * 3 // 2 for f in frames)
+    assert len({f.tobytes() for f in frames}) == 3
