@@ -22,7 +22,8 @@ from pistreaming.camera import service as camera_service
 from pistreaming.camera.output import AccessUnitOutput
 from pistreaming.camera.picamera2_source import Picamera2Source
 from pistreaming.camera.picture import Picture
-from pistreaming.camera.service import CameraService
+from pistreaming.camera.service import CameraService, Encoding
+from pistreaming.options import Config
 from tests.fake_picamera2 import Rig
 from tests.helpers import wait_until, with_timeout
 
@@ -248,6 +249,12 @@ class H264ServiceTests(unittest.TestCase):
         assert self.successResultOf(d) is None
         assert not self.reactor.getDelayedCalls()
         assert self.source.asked == [0.0]
+
+
+def test_the_encoding_comes_from_the_options():
+    encoding = Encoding.of(Config(bitrate=2_000_000, keyframe_interval=1.5, framerate=25))
+    assert (encoding.bitrate, encoding.keyframe_interval, encoding.framerate,
+            encoding.profile) == (2_000_000, 1.5, 25, "baseline")
 
 
 class RealThreadsTests(unittest.TestCase):

@@ -36,6 +36,28 @@ def _daemon_thread(*args, **kwargs):
     return thread
 
 
+class Encoding:
+    """What a camera's own H.264 encoder is asked for (CameraService's
+    C{encoding}, a source's C{run_h264}): bits per second, seconds from one
+    keyframe to the next, frames per second, and a profile without B-frames
+    that every browser decodes."""
+
+    def __init__(self, bitrate, keyframe_interval, framerate, profile="baseline"):
+        self.bitrate = bitrate
+        self.keyframe_interval = keyframe_interval
+        self.framerate = framerate
+        self.profile = profile
+
+    @classmethod
+    def of(cls, config):
+        """From the options (C{--bitrate}, C{--keyframe-interval}, C{--framerate})."""
+        return cls(config.bitrate, config.keyframe_interval, config.framerate)
+
+    def __repr__(self):
+        return (f"Encoding(bitrate={self.bitrate}, keyframe_interval={self.keyframe_interval}, "
+                f"framerate={self.framerate}, profile={self.profile!r})")
+
+
 class _Run:
     """One start of the source's capture loop."""
 
