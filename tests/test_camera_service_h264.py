@@ -122,7 +122,7 @@ class H264ServiceTests(unittest.TestCase):
         self.states = []
         self.service = CameraService(
             self.source, None, lambda *unit: self.got.append(unit), self.reactor,
-            on_state=lambda state, why: self.states.append((state, why)), encoding=ENCODING)
+            on_state=lambda state, why: self.states.append((state, why)), h264=ENCODING)
         self.events = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -267,7 +267,7 @@ class RealThreadsTests(unittest.TestCase):
         got = []
         service = CameraService(source, None, lambda *unit: got.append(
             unit + (threading.current_thread() is threading.main_thread(),)), reactor,
-            encoding=ENCODING)
+            h264=ENCODING)
         service.startService()
         try:
             yield wait_until(lambda: len(got) >= 5, 10, what="five access units")

@@ -12,7 +12,7 @@ service's own pool (deferToThreadPool), for the same reason.
 The service says how the camera is doing ("starting", "ok", "unavailable")
 through C{on_state}, so that viewers can be told.
 
-In H.264 mode (C{encoding} given) the source's own encoder records
+In H.264 mode (C{h264} given: the encoding) the source's own encoder records
 (C{source.run_h264}), and the sink gets access units instead of frames
 (pistreaming.camera.output.AccessUnitOutput); everything else is the same,
 each access unit counting as a frame.  C{request_keyframe} asks the camera
@@ -38,7 +38,7 @@ def _daemon_thread(*args, **kwargs):
 
 class Encoding:
     """What a camera's own H.264 encoder is asked for (CameraService's
-    C{encoding}, a source's C{run_h264}): bits per second, seconds from one
+    C{h264}, a source's C{run_h264}'s C{encoding}): bits per second, seconds from one
     keyframe to the next, frames per second, and a profile without B-frames
     that every browser decodes."""
 
@@ -88,7 +88,7 @@ class CameraService(TimerService):
     keyframe_request_interval = 1.0
 
     def __init__(self, source, frame_size, sink, reactor, on_state=None, watch_interval=0.5,
-                 encoding=None):
+                 h264=None):
         """
         @param frame_size: bytes in a raw frame (unused in H.264 mode).
         @param sink: called in the reactor thread with each frame and its
@@ -96,9 +96,10 @@ class CameraService(TimerService):
             B), whether it is a keyframe, and its capture time.
         @param on_state: called with (state, why) when the camera's state changes.
         @param watch_interval: seconds between checks for a stalled run.
-        @param encoding: for H.264 mode, what the camera's encoder is asked
-            for (C{.bitrate}, C{.keyframe_interval}, C{.framerate},
-            C{.profile}); the source must have C{run_h264}.  None: raw frames.
+        @param h264: for H.264 mode, what the camera's encoder is asked for
+            (an L{Encoding}, or anything with C{.bitrate}, C{.keyframe_interval},
+            C{.framerate}, C{.profile}); the source must have C{run_h264}.
+            None: raw frames.
         """
         super().__init__(watch_interval, self._check_stall)
         self.clock = reactor
@@ -107,7 +108,8 @@ class CameraService(TimerService):
         self.sink = sink
         self.reactor = reactor
         self.on_state = on_state
-        self.encoding = encoding
+        #: What the camera's encoder is asked for (None: raw frames).
+        self.encoding = h264
         self.failures = 0
         self.state = "starting"
         framerate = float(getattr(source, "framerate", 0) or 0)
