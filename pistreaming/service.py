@@ -66,7 +66,6 @@ class Pistream(service.MultiService):
         self.fanout = self.factory.fanout
         self.times = PictureTimes()
         self.h264 = None
-        self._keyframe_asked_at = None
         if h264:
             self.h264 = H264Stream(self.fanout.broadcast, self._h264_config,
                                    config.keyframe_interval, reactor.seconds,
@@ -150,15 +149,11 @@ class Pistream(service.MultiService):
 
     def _request_keyframe(self):
         """Ask the camera's own encoder for a keyframe: a newcomer then has
-        a fresh one, and a viewer whose pictures were dropped gets one soon.
-        At most once a second; where the camera cannot (ffmpeg's libx264),
-        the keyframe kept for newcomers serves."""
-        if self.camera is None or not getattr(self.camera.source, "encodes_h264", False):
+        a fresh one, and a viewer whose pictures were dropped gets one soon
+        (the camera service asks at most once a second).  Where the camera
+        cannot (ffmpeg's libx264), the keyframe kept for newcomers serves."""
+        if self.camera is None or not self.camera.h264:
             return False
-        now = self.reactor.seconds()
-        if self._keyframe_asked_at is not None and now - self._keyframe_asked_at < 1.0:
-            return False
-        self._keyframe_asked_at = now
         return self.camera.request_keyframe()
 
     def _newcomer(self):

@@ -12,10 +12,14 @@ import subprocess
 import pytest
 
 from pistreaming.broadcast import H264_ON_WS_PORT
+from pistreaming.camera import service as camera_service
 from pistreaming.encoder import output_args
+from pistreaming.mpegts import PESAssembler
+from pistreaming.service import makeService
 from pistreaming.h264 import is_idr, nal_types, parse_message
 from tests.fakes.inmemory import Network
-from tests.test_service import ServiceCase, http
+from tests.test_camera_service_h264 import Pool
+from tests.test_service import ServiceCase, http, options
 
 SPS, PPS = 7, 8
 
@@ -43,8 +47,17 @@ def packets(ts):
     return [ts[i:i + 188] for i in range(0, len(ts), 188)]
 
 
+class Watching:
+    def pictures(self, client):
+        return [parse_message(payload) for payload, binary in client.messages if binary]
+
+    def descriptions(self, client):
+        return [json.loads(payload)["stream"] for payload, binary in client.messages
+                if not binary and b'"stream"' in payload]
+
+
 @pytest.mark.usefixtures("streams")
-class H264ServiceTests(ServiceCase):
+class H264ServiceTests(Watching, ServiceCase):
     def build_h264(self, *args):
         service = self.build("--codec", "h264", "--framerate", "30", *args)
         self.start()
@@ -54,13 +67,6 @@ class H264ServiceTests(ServiceCase):
     def ffmpeg_writes(self, ts):
         """ffmpeg writes C{ts} (whole pictures' packets)."""
         self.ffmpeg.childDataReceived(1, ts)
-
-    def pictures(self, client):
-        return [parse_message(payload) for payload, binary in client.messages if binary]
-
-    def descriptions(self, client):
-        return [json.loads(payload)["stream"] for payload, binary in client.messages
-                if not binary and b'"stream"' in payload]
 
     def test_ffmpeg_is_asked_for_h264_in_mpeg_ts(self):
         self.build_h264("--keyframe-interval", "1.5")
@@ -222,3 +228,83 @@ class H264ServiceTests(ServiceCase):
         assert len(starts) >= 2
         assert all(p.keyframe for p in starts)
         assert index[got[-1].access_unit] == 119  # and it is live again
+
+
+@pytest.mark.usefixtures("streams")
+class CameraEncoderTests(Watching, ServiceCase):
+    """A camera with its own H.264 encoder (picamera2, picamera): no ffmpeg;
+    the test plays the camera's encoder thread with real access units."""
+
+    def setUp(self):
+        super().setUp()
+        Pool.pools = []
+        self.patch(camera_service, "ThreadPool", Pool)
+
+    def build_camera(self, *args):
+        self.camera = ScriptedCamera()
+        self.camera.clock = self.reactor
+        self.service = makeService(
+            options("--codec", "h264", "--framerate", "30", *args), reactor=self.reactor,
+            source=self.camera, player=b"//")
+        self.start()
+        (self.run_,) = Pool.pools[-1].runs
+        return self.service
+
+    def camera_gives(self, ts):
+        units = PESAssembler().feed(ts)
+        for data, pts in units:
+            self.run_.output.access_unit(data, is_idr(data), 1_700_000_000 + pts)
+
+    def test_no_ffmpeg_runs_and_the_camera_is_asked_for_what_the_options_say(self):
+        self.build_camera("--bitrate", "1.5M", "--keyframe-interval", "1")
+        assert self.reactor.spawned == []
+        encoding = self.run_.encoding
+        assert (encoding.bitrate, encoding.keyframe_interval, encoding.framerate) == (
+            1_500_000, 1.0, 30)
+        assert encoding.profile == "baseline"
+
+    def test_viewers_get_the_cameras_pictures_and_a_newcomer_asks_for_a_keyframe(self):
+        service = self.build_camera()
+        network = Network(service.site, self.reactor, port=8082)
+        first = network.connect(path="/stream")
+        all_packets = packets(self.small)
+        self.camera_gives(b"".join(all_packets[:len(all_packets) // 2]))
+        network.flush()
+        (description,) = self.descriptions(first.client)
+        assert (description["width"], description["height"]) == (320, 240)
+        got = self.pictures(first.client)
+        assert got[0].keyframe and len(got) >= 10
+        assert abs(got[0].capture_time - 1_700_000_000) < 60  # the camera's own times
+        asked = len(self.camera.asked)
+        self.reactor.advance(2)
+        network.connect(path="/stream")  # a newcomer: one keyframe asked for
+        assert len(self.camera.asked) == asked + 1
+        network.connect(path="/stream")  # another at once: asked within the second
+        self.reactor.advance(1)
+        assert len(self.camera.asked) <= asked + 2
+        figures = service.stats.gather()
+        assert figures["encoder"]["where"] == "camera"
+        assert figures["stream"]["codec"] == "h264" and figures["stream"]["keyframes"] >= 1
+
+
+class ScriptedCamera:
+    """A camera with its own H.264 encoder, played by the test."""
+
+    name = "scripted"
+    encodes_h264 = True
+
+    def __init__(self):
+        self.asked = []
+
+    def describe(self):
+        return "a scripted camera with an H.264 encoder"
+
+    def run(self, output, stopping):
+        raise AssertionError("the raw path is not for --codec h264")
+
+    def run_h264(self, output, stopping, encoding):
+        raise AssertionError("runs on the test's say-so only")
+
+    def request_keyframe(self):
+        self.asked.append(self.clock.seconds())
+        return True
