@@ -2,6 +2,8 @@
 picamera2's API, its row stride and its padding; and at the end the real
 daemon streaming from that fake through real ffmpeg to a real viewer."""
 
+import json
+import subprocess
 import threading
 import time
 import types
@@ -18,10 +20,11 @@ from pistreaming.camera.picture import Picture
 from pistreaming.camera.service import CameraService
 from pistreaming.camera.testpattern import TestPattern
 from pistreaming.frames import FrameGeometry
+from pistreaming.h264 import parse_message
 from pistreaming.options import Config
 from tests.daemon import Daemon
 from tests.fake_picamera2 import (
-    JUNK, QUADRANTS, Rig, flipped, frame_number, scene, yuv420_buffer)
+    JUNK, QUADRANTS, Rig, flipped, frame_number, scene, write_shims, yuv420_buffer)
 from tests.helpers import Arrivals, Events, collect_pictures, with_timeout
 from tests.test_stream import connect, decode_last_picture, read_header
 
@@ -388,18 +391,8 @@ def test_a_library_that_is_not_picamera2_is_skipped_not_fatal():
 
 
 # -- end to end: the daemon, streaming from the fake camera ---------------------------
-
-def write_shims(directory):
-    """picamera2 and libcamera packages that hand out the fake, for the daemon."""
-    for name, body in [
-        ("picamera2", "from tests.fake_picamera2 import rig_from_environment\n"
-                      "Picamera2 = rig_from_environment().picamera2.Picamera2\n"),
-        ("libcamera", "from tests.fake_picamera2 import Transform\n"),
-    ]:
-        package = directory / name
-        package.mkdir()
-        (package / "__init__.py").write_text(body)
-
+# (tests.fake_picamera2.write_shims: picamera2, picamera2.encoders,
+# picamera2.outputs and libcamera packages that hand out the fake)
 
 def test_the_daemon_streams_the_camera_upright_at_its_size_and_rate(tmp_path):
     write_shims(tmp_path)
@@ -425,3 +418,49 @@ def test_the_daemon_streams_the_camera_upright_at_its_size_and_rate(tmp_path):
         patch = y[r - 60:r + 60, c - 120:c + 120].astype(int)
         assert abs(patch.mean() - value) < 6 and patch.max() - patch.min() < 24, \
             (row, col, value, patch.mean(), patch.min(), patch.max())
+
+
+def test_with_codec_h264_the_daemon_streams_the_cameras_own_h264(tmp_path):
+    """--codec h264: picamera2's H264Encoder (the fake's runs outside the
+    daemon, as the Pi's hardware does), no ffmpeg of the daemon's own, and
+    the camera's picture, upright, in what a viewer decodes."""
+    write_shims(tmp_path)
+    width, height = 640, 480
+    with Daemon("--resolution", f"{width}x{height}", "--framerate", "30", "--codec", "h264",
+                "--rotation", "180", camera="picamera2",
+                env={"PYTHONPATH": str(tmp_path)}) as daemon:
+        ws = connect(f"ws://127.0.0.1:{daemon.http_port}/stream")
+        try:
+            description = json.loads(ws.recv())["stream"]
+            units = [ws.recv() for _ in range(20)]
+        finally:
+            ws.close()
+        children = [pid for pid in daemon.pids() if pid != daemon.process.pid]
+        names = []
+        for pid in children:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    names.append(f.read().split(b"\0")[0])
+            except FileNotFoundError:
+                pass
+    assert (description["width"], description["height"]) == (width, height)
+    assert description["profile"] == "Constrained Baseline"
+    assert b"ffmpeg" not in names  # only the camera's (stand-in) encoder runs
+    messages = [parse_message(unit) for unit in units]
+    assert messages[0].keyframe
+    # capture times are the camera's, converted to the epoch: about now
+    assert all(abs(m.capture_time - time.time()) < 30 for m in messages)
+    stream = tmp_path / "camera.h264"
+    stream.write_bytes(b"".join(m.access_unit for m in messages))
+    raw = subprocess.run(["ffmpeg", "-v", "error", "-xerror", "-i", str(stream),
+                          "-f", "rawvideo", "-pix_fmt", "yuv420p", "-"],
+                         check=True, capture_output=True).stdout
+    frame = width * height * 3 // 2
+    assert len(raw) == 20 * frame
+    y = np.frombuffer(raw[-frame:][:width * height], np.uint8).reshape(height, width)
+    # turned by 180 degrees: the bottom right quadrant is now top left
+    for row, col, value in [(0.25, 0.25, QUADRANTS[1][1]), (0.25, 0.75, QUADRANTS[1][0]),
+                            (0.75, 0.25, QUADRANTS[0][1]), (0.75, 0.75, QUADRANTS[0][0])]:
+        r, c = int(row * height), int(col * width)
+        patch = y[r - 40:r + 40, c - 80:c + 80].astype(int)
+        assert abs(patch.mean() - value) < 8, (row, col, value, patch.mean())
