@@ -190,3 +190,36 @@ def test_an_encoder_that_dies_goes_quiet_and_stop_still_works():
     thread.join(5)
     assert outcome == {"value": None}
     assert fake.hardware.open_camera is None
+
+
+def test_the_daemon_streams_the_legacy_cameras_own_h264(tmp_path):
+    """--codec h264 with the legacy picamera: the camera's encoder, no ffmpeg
+    of the daemon's, and what a viewer gets decodes at the configured size
+    (picamera's encoder pads to 16 rows and crops back in the SPS)."""
+    import json
+    import os
+    from pistreaming.h264 import parse_message
+    from tests.daemon import Daemon
+    from tests.test_stream import connect
+    width, height = 1296, 730
+    fakes = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fakes")
+    with Daemon("--resolution", f"{width}x{height}", "--framerate", "30", "--codec", "h264",
+                camera="picamera", env={"PYTHONPATH": fakes, "FAKE_PICAMERA": "present"}
+                ) as daemon:
+        ws = connect(f"ws://127.0.0.1:{daemon.http_port}/stream")
+        try:
+            description = json.loads(ws.recv())["stream"]
+            units = [parse_message(ws.recv()) for _ in range(15)]
+        finally:
+            ws.close()
+        assert not daemon.search(r"encoder process: ffmpeg pid")
+    assert (description["width"], description["height"]) == (width, height)
+    assert units[0].keyframe
+    path = tmp_path / "camera.h264"
+    path.write_bytes(b"".join(u.access_unit for u in units))
+    done = subprocess.run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+                           "stream=width,height,nb_read_frames", "-of", "json", str(path)],
+                          capture_output=True, check=True, text=True)
+    (stream,) = json.loads(done.stdout)["streams"]
+    assert (stream["width"], stream["height"], int(stream["nb_read_frames"])) == (
+        width, height, 15)
