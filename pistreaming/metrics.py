@@ -45,7 +45,29 @@ class StatsCollector:
                            "H.264 pictures dropped: corrupt, or before the stream's "
                            "parameter sets or the next keyframe.",
                            stream["access_units_dropped"])
-        yield _gauge("pistream_viewers", "Viewers connected now.", viewers["count"])
+        mpeg1 = s.get("mpeg1_on_demand")
+        if mpeg1 is not None:
+            yield _gauge("pistream_mpeg1_on_demand_up",
+                         "1 while the MPEG-1 encoder for viewers that cannot play H.264 "
+                         "runs (it runs only while one of them watches).",
+                         1 if mpeg1["running"] else 0)
+            yield _gauge("pistream_mpeg1_viewers",
+                         "Viewers of the MPEG-1 stream made on demand, connected now.",
+                         mpeg1["viewers"])
+            yield _counter("pistream_mpeg1_on_demand_starts",
+                           "Times the on-demand MPEG-1 encoder was started for viewers.",
+                           mpeg1["starts"])
+            yield _counter("pistream_mpeg1_on_demand_restarts",
+                           "Times the on-demand MPEG-1 encoder was restarted after a "
+                           "failure.", mpeg1["restarts"])
+            yield _counter("pistream_mpeg1_on_demand_pictures",
+                           "MPEG-1 pictures the on-demand encoder made.",
+                           mpeg1["pictures_out"])
+            yield _counter("pistream_mpeg1_on_demand_access_units_dropped",
+                           "H.264 pictures not given to the on-demand encoder: before a "
+                           "keyframe, or while it was behind.", mpeg1["access_units_dropped"])
+        yield _gauge("pistream_viewers", "Viewers connected now (of every stream).",
+                     viewers["count"])
         yield _counter("pistream_viewers_connected", "Viewers that have connected.",
                        viewers["total"])
         yield _gauge("pistream_viewers_backlog_bytes",
@@ -101,7 +123,10 @@ class StatsCollector:
             "pistream_stage_latency_seconds",
             "Time frames spend in a stage over the last minute, by quantile.",
             labels=["stage", "quantile"])
-        for stage, summary in s["latency_ms"].items():
+        stages = dict(s["latency_ms"])
+        if mpeg1 is not None:
+            stages["mpeg1_on_demand"] = mpeg1["latency_ms"]
+        for stage, summary in stages.items():
             for quantile, key in (("0.5", "p50"), ("0.95", "p95"), ("1", "max")):
                 if summary[key] is not None:
                     latency.add_metric([stage, quantile], summary[key] / 1000)

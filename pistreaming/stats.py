@@ -24,6 +24,18 @@ figures go to someone who may not see them (``gather(addresses=False)``:
 pistreaming.web hides them from requests that come from another machine
 without a password protecting the figures).  /metrics carries no
 addresses at all.
+
+With ``--codec h264`` there is also ``mpeg1_on_demand``: the MPEG-1
+stream made of the H.264 for viewers that cannot play it
+(pistreaming.ondemand), with ``running`` (whether its ffmpeg runs),
+``state``, ``pid``, ``viewers`` (of that stream), ``starts`` (for viewers),
+``restarts`` (after failures), ``access_units_in``,
+``access_units_dropped``, ``fell_behind``, ``pictures_out`` and
+``latency_ms`` (from an access unit into ffmpeg to its MPEG-1 picture
+out).  ``viewers`` and ``broadcast.turned_away`` count the viewers of both
+streams (``--max-viewers`` is one limit for both), and each viewer in
+``viewers.list`` says which it watches (``"stream": "h264"`` or
+``"mpeg1"``).
 """
 
 import collections
@@ -114,7 +126,7 @@ class Stats(TimerService):
     name = "stats"
 
     def __init__(self, reactor, config, source, encoder, fanout, stream, camera=None,
-                 pending=None, times=None, sample_interval=1.0, h264=None):
+                 pending=None, times=None, sample_interval=1.0, h264=None, on_demand=None):
         """
         @param reactor: the clock.
         @param config: the L{pistreaming.options.Config} (size, rates set).
@@ -133,6 +145,8 @@ class Stats(TimerService):
             through with C{--codec h264}, else None.  With C{encoder} None
             (the camera's own encoder makes the H.264), the encoder's
             figures are the camera's.
+        @param on_demand: the L{pistreaming.ondemand.OnDemand} MPEG-1
+            stream (with C{--codec h264}), or None.
         """
         super().__init__(sample_interval, self._sample)
         self.clock = reactor
@@ -147,6 +161,7 @@ class Stats(TimerService):
         self.times = times if times is not None else PictureTimes()
         self.started_at = reactor.seconds()
         self.h264 = h264
+        self.on_demand = on_demand
         if h264 is not None:
             self.bitrate = Rate(lambda: h264.bytes * 8)
             self.framerate = Rate(lambda: h264.access_units)
@@ -237,7 +252,13 @@ class Stats(TimerService):
         camera, encoder, fanout, stream = self.camera, self.encoder, self.fanout, self.stream
         viewers = fanout.describe()
         encoder_figures = self._encoder()
-        return {
+        on_demand = self.on_demand
+        mpeg1 = None
+        if on_demand is not None:
+            mpeg1 = on_demand.figures(now)
+            viewers = ([dict(viewer, stream="h264") for viewer in viewers]
+                       + [dict(viewer, stream="mpeg1") for viewer in on_demand.fanout.describe()])
+        figures = {
             "uptime": round(now - self.started_at, 3),
             "stream": dict({
                 "codec": config.codec,
@@ -261,7 +282,7 @@ class Stats(TimerService):
                 "bytes_sent": fanout.bytes_sent,
                 "bytes_discarded": fanout.bytes_discarded,
                 "skips": fanout.skips,
-                "turned_away": stream.turned_away,
+                "turned_away": stream.turned_away + (mpeg1["turned_away"] if mpeg1 else 0),
                 "backlog_limit": fanout.backlog_limit,
             },
             "connections": {
@@ -270,9 +291,12 @@ class Stats(TimerService):
             },
             "viewers": {
                 "max": stream.max_viewers or None,
-                "count": len(fanout.viewers),
-                "total": fanout.viewers_total,
+                "count": len(fanout.viewers) + (mpeg1["viewers"] if mpeg1 else 0),
+                "total": fanout.viewers_total + (mpeg1["viewers_total"] if mpeg1 else 0),
                 "list": viewers if addresses else [
                     dict(viewer, address="hidden") for viewer in viewers],
             },
         }
+        if mpeg1 is not None:
+            figures["mpeg1_on_demand"] = mpeg1
+        return figures
