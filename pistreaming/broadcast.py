@@ -46,10 +46,6 @@ MAX_INCOMING = 4096
 STATUS_PROTOCOL = "pistream"
 
 CLOSE_TRY_AGAIN_LATER = 1013
-#: Why a viewer on the stream's own port is closed in H.264 mode (at most
-#: 123 bytes, a close frame's limit).
-H264_ON_WS_PORT = (b"this daemon streams H.264 (--codec h264); the MPEG-1 jsmp stream "
-                   b"is off: open the page, or run it with --codec mpeg1")
 
 #: A viewer that sends more than this many frames of any kind (a browser
 #: sends a pong every autoPingInterval, 10 s) in FLOOD_WINDOW seconds is
@@ -454,6 +450,10 @@ class StreamFactory(WebSocketServerFactory):
     allow_origins = ()
     #: At most this many viewers at once (0: no limit).
     max_viewers = 0
+    #: The other streams' factories whose viewers count towards
+    #: C{max_viewers} too (with --codec h264, the H.264 stream's and the
+    #: MPEG-1 stream's: one limit for both).
+    counted_with = ()
 
     #: True while the HTTP port's /stream hands a connection over (the
     #: protocol built then came through the HTTP port).
@@ -486,10 +486,12 @@ class StreamFactory(WebSocketServerFactory):
         @param pending: the L{pistreaming.admission.PendingConnections}
             that counts connections to the stream's own port until their
             request is in; None: not counted.
-        @param codec: "mpeg1" (the C{jsmp} stream, on both ports) or
-            "h264" (pictures, on the HTTP port: the stream's own port, kept
-            for clients of the original demo, which decode only MPEG-1,
-            closes with a reason that says so).
+        @param codec: "mpeg1" (the C{jsmp} stream: a byte stream, whose
+            newcomers get what follows its latest starting point in one
+            message) or "h264" (one message per picture).  (With --codec
+            h264 the stream's own port, kept for clients of the original
+            demo, which decode only MPEG-1, is served by the MPEG-1
+            stream's factory: pistreaming.ondemand.)
         @param on_newcomer: the fan-out's (a viewer was added).
         """
         super().__init__(server=SERVER, reactor=reactor)
@@ -554,15 +556,10 @@ class StreamFactory(WebSocketServerFactory):
     # viewers
     def add_viewer(self, protocol):
         """C{protocol}'s WebSocket opened: hand it to the fan-out, unless
-        C{max_viewers} are watching already (then it is closed, 1013)."""
-        if self.codec == "h264" and not protocol.via_http_port:
-            # Clients of the original demo (JSMpeg) decode only MPEG-1.
-            log.info("viewer {peer} on the stream's own port turned away: the stream "
-                     "is H.264", peer=protocol.peer)
-            self.turned_away += 1
-            protocol.sendCloseFrame(code=CLOSE_POLICY, reasonUtf8=H264_ON_WS_PORT)
-            return
-        viewers = len(self.fanout.viewers)
+        C{max_viewers} are watching already, on this stream and those it is
+        C{counted_with} (then it is closed, 1013)."""
+        viewers = len(self.fanout.viewers) + sum(
+            len(other.fanout.viewers) for other in self.counted_with)
         if self.max_viewers and viewers >= self.max_viewers:
             log.warn("viewer {peer} turned away: {viewers} watching, {most} at most",
                      peer=protocol.peer, viewers=viewers, most=self.max_viewers)

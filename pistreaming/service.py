@@ -8,6 +8,13 @@ keyframes) on their way to the broadcaster, and a camera with its own H.264
 encoder (picamera2, picamera) needs no ffmpeg at all:
 
     camera's encoder (thread) -> H.264 stage -> broadcaster -> viewers
+
+With C{--codec h264}, viewers that cannot play H.264 (the page without a
+decoder for it, at /stream?codec=mpeg1, and clients of the original demo on
+the stream's own port) get MPEG-1, made of the H.264 by an ffmpeg that runs
+only while one of them watches (pistreaming.ondemand):
+
+    H.264 stage -> on-demand ffmpeg -> MPEG-1 broadcaster -> those viewers
 """
 
 import json
@@ -29,6 +36,7 @@ from pistreaming.h264 import H264Stream
 from pistreaming.hosts import HostPolicy
 from pistreaming.listening import listen_service, raise_file_limit
 from pistreaming.memory import Collector
+from pistreaming.ondemand import OnDemand, OnDemandEncoder, OnDemandFactory, decode_command
 from pistreaming.stats import PictureTimes, Stats
 from pistreaming.web import make_site
 
@@ -55,22 +63,41 @@ class Pistream(service.MultiService):
         self.hosts = HostPolicy(config.allow_hosts)
         self.pending = PendingConnections()
         h264 = config.codec == "h264"
-        self.factory = StreamFactory(
-            None if h264 else stream_header(config.width, config.height), reactor,
+        # The same limits for every viewer, of whichever stream.
+        limits = dict(
             # Half a second of video in the kernel, at most, per viewer.
             send_buffer=max(64 * 1024, second_of_video // 2),
             backlog_limit=config.backlog_bytes, stuck_timeout=config.viewer_timeout,
             authenticator=self.authenticator, allow_origins=config.allow_origins,
-            max_viewers=config.max_viewers, hosts=self.hosts, pending=self.pending,
-            codec=config.codec, on_newcomer=self._newcomer if h264 else None)
+            max_viewers=config.max_viewers, hosts=self.hosts, pending=self.pending)
+        self.factory = StreamFactory(
+            None if h264 else stream_header(config.width, config.height), reactor,
+            codec=config.codec, on_newcomer=self._newcomer if h264 else None, **limits)
         self.fanout = self.factory.fanout
         self.times = PictureTimes()
         self.h264 = None
+        # With H.264, the MPEG-1 stream for viewers that cannot play it,
+        # made while one of them watches: its own fan-out, the same limits,
+        # one count of viewers for --max-viewers.
+        self.mpeg1_factory = self.mpeg1_fanout = self.on_demand = None
         if h264:
-            self.h264 = H264Stream(self.fanout.broadcast, self._h264_config,
+            self.h264 = H264Stream(self._h264_out, self._h264_config,
                                    config.keyframe_interval, reactor.seconds,
                                    on_state=self._h264_state,
                                    request_keyframe=self._request_keyframe)
+            self.mpeg1_factory = OnDemandFactory(
+                stream_header(config.width, config.height), reactor, codec="mpeg1", **limits)
+            self.mpeg1_fanout = self.mpeg1_factory.fanout
+            self.factory.counted_with = (self.mpeg1_factory,)
+            self.mpeg1_factory.counted_with = (self.factory,)
+            self.on_demand = OnDemand(
+                OnDemandEncoder(
+                    decode_command(config.ffmpeg, config.framerate, config.bitrate),
+                    self.mpeg1_fanout.broadcast, reactor,
+                    start_cache=lambda: [chunk for chunk, _ in self.fanout.start_cache.chunks],
+                    framerate=config.framerate, request_keyframe=self._request_keyframe,
+                    on_state=self._mpeg1_encoder_state),
+                self.mpeg1_factory, reactor)
         self.encoder = None
         self.camera = None
         if h264 and getattr(source, "encodes_h264", False):
@@ -102,19 +129,26 @@ class Pistream(service.MultiService):
         self.camera_reason = why
         self.stats = Stats(reactor, config, source, self.encoder, self.fanout, self.factory,
                            camera=self.camera, pending=self.pending, times=self.times,
-                           h264=self.h264)
+                           h264=self.h264, on_demand=self.on_demand)
         self.site = make_site(config, self.factory, stats=self.stats, player=player,
                               authenticator=self.authenticator, reactor=reactor,
-                              hosts=self.hosts, pending=self.pending)
+                              hosts=self.hosts, pending=self.pending,
+                              mpeg1_factory=self.mpeg1_factory)
 
         # Listening ports first: a port that cannot be bound stops start-up.
         self.http = listen_service(config.http, self.site, reactor)
         self.http.setServiceParent(self)
         self.ws = None
         if config.ws:
-            self.ws = listen_service(config.ws, self.factory, reactor)
+            # The original demo's clients decode MPEG-1 only.
+            self.ws = listen_service(config.ws, self.mpeg1_factory or self.factory, reactor)
             self.ws.setServiceParent(self)
         BroadcastService(self.fanout, reactor).setServiceParent(self)
+        if self.on_demand is not None:
+            mpeg1 = BroadcastService(self.mpeg1_fanout, reactor)
+            mpeg1.name = "broadcast-mpeg1"
+            mpeg1.setServiceParent(self)
+            self.on_demand.setServiceParent(self)
         self.stats.setServiceParent(self)
         if self.encoder is not None:
             self.encoder.setServiceParent(self)
@@ -124,14 +158,26 @@ class Pistream(service.MultiService):
         self.collector = Collector(reactor)
         self.collector.setServiceParent(self)
 
+    def _status(self, **status):
+        # To the viewers of every stream (the MPEG-1 one's are made of the
+        # same pictures).
+        self.fanout.set_status(**status)
+        if self.mpeg1_fanout is not None:
+            self.mpeg1_fanout.set_status(**status)
+
     def _camera_state(self, state, why):
         # Viewers (the page) are told, so a stalled camera does not look like
         # a frozen picture.
-        self.fanout.set_status(camera=state, why=why)
+        self._status(camera=state, why=why)
 
     # H.264
     def _camera_picture(self, data, keyframe, captured_at):
         self.h264.feed(data, captured_at)
+
+    def _h264_out(self, chunk):
+        # To the H.264 viewers, and to the MPEG-1 encoder while it runs.
+        self.fanout.broadcast(chunk)
+        self.on_demand.encoder.feed_h264(chunk)
 
     def _h264_config(self, stream):
         # The stream's description: every viewer's first message, and sent
@@ -141,11 +187,16 @@ class Pistream(service.MultiService):
         log.info("H.264 stream: {codecs} ({profile}, level {h264_level}), {width}x{height}",
                  codecs=stream.codecs, profile=stream.profile, h264_level=stream.level,
                  width=stream.width, height=stream.height)
+        self.on_demand.set_size(stream.width, stream.height)
 
     def _h264_state(self, state, why):
         # Pictures that cannot be decoded (corrupt, or no parameter sets):
         # the page says so, as it does for a stalled camera.
-        self.fanout.set_status(video=state, why=why)
+        self._status(video=state, why=why)
+
+    def _mpeg1_encoder_state(self, state, why):
+        # The on-demand MPEG-1 encoder is the encoder of its viewers' stream.
+        self.mpeg1_fanout.set_status(encoder=state, why=why)
 
     def _request_keyframe(self):
         """Ask the camera's own encoder for a keyframe: a newcomer then has
@@ -164,9 +215,9 @@ class Pistream(service.MultiService):
         # does: for the page that is the camera.  Otherwise the encoder is a
         # stage of its own, and the page says which one stopped.
         if self.camera is None:
-            self.fanout.set_status(camera="unavailable" if state != "ok" else "ok", why=why)
+            self._status(camera="unavailable" if state != "ok" else "ok", why=why)
         else:
-            self.fanout.set_status(encoder=state, why=why)
+            self._status(encoder=state, why=why)
 
     def privilegedStartService(self):
         # Ports are bound here (before twistd drops privileges); a port that

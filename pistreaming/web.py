@@ -7,7 +7,10 @@ Routes (anything else is 404; methods other than GET and HEAD are 405):
                    and its own script (static/pistream.js), style
                    (static/pistream.css) and colours (the options) inline
     /jsmpg.js      the JSMpeg player (from the npm registry, built in)
-    /stream        the WebSocket stream (same as the separate WebSocket port)
+    /stream        the WebSocket stream (in mpeg1 mode, the same as the
+                   separate WebSocket port); /stream?codec=mpeg1 the MPEG-1
+                   stream (with --codec h264, the one made on demand, which
+                   the separate WebSocket port serves too)
     /stats.json    the daemon's figures (pistreaming.stats), as JSON
     /metrics       the same figures in the Prometheus text format
 
@@ -216,14 +219,25 @@ class Stream(resource.Resource):
     """/stream: a WebSocket opening handshake goes on to Autobahn (and the
     stream's factory); anything else is answered here, with the headers
     every answer carries.  (Autobahn's own refusals go out without them,
-    and with what the client sent in their status line.)"""
+    and with what the client sent in their status line.)
+
+    C{/stream?codec=mpeg1} is the MPEG-1 stream's (with --codec h264, for
+    pages whose browser decodes no H.264); in mpeg1 mode that is the one
+    stream there is."""
 
     isLeaf = True
 
-    def __init__(self, factory):
+    def __init__(self, factory, mpeg1=None):
+        """
+        @param factory: the stream's L{pistreaming.broadcast.StreamFactory}.
+        @param mpeg1: the MPEG-1 stream's, where it is another one (with
+            --codec h264: pistreaming.ondemand), else None.
+        """
         super().__init__()
         self.factory = factory
         self.websocket = WebSocketResource(factory)
+        self.mpeg1 = mpeg1
+        self.mpeg1_websocket = WebSocketResource(mpeg1) if mpeg1 is not None else None
 
     def render(self, request):
         if request.method != b"GET":
@@ -241,13 +255,16 @@ class Stream(resource.Resource):
         if versions != [b"13"]:
             request.setHeader(b"sec-websocket-version", b"13")
             return refuse(request, 426, b"426 WebSocket version 13 only\n")
+        factory, websocket = self.factory, self.websocket
+        if self.mpeg1 is not None and request.args.get(b"codec") == [b"mpeg1"]:
+            factory, websocket = self.mpeg1, self.mpeg1_websocket
         # Autobahn builds the viewer's protocol within this call: it is told
         # that the HTTP port is where its connection came from.
-        self.factory.handing_over = True
+        factory.handing_over = True
         try:
-            return self.websocket.render(request)
+            return websocket.render(request)
         finally:
-            self.factory.handing_over = False
+            factory.handing_over = False
 
 
 def refuse(request, code, body, allow=None):
@@ -449,8 +466,9 @@ def render_theme(config):
 
 
 def make_site(config, stream_factory, stats=None, player=None, authenticator=None,
-              reactor=None, hosts=None, pending=None):
-    """The Site for C{config}; C{stream_factory} serves /stream and C{stats}
+              reactor=None, hosts=None, pending=None, mpeg1_factory=None):
+    """The Site for C{config}; C{stream_factory} serves /stream (and
+    C{mpeg1_factory}, if given, /stream?codec=mpeg1) and C{stats}
     (a L{pistreaming.stats.Stats}) /stats.json and /metrics.  With an
     C{authenticator} (pistreaming.auth), all of it needs credentials.
     C{hosts} (a L{pistreaming.hosts.HostPolicy}) is the names requests may
@@ -475,7 +493,7 @@ def make_site(config, stream_factory, stats=None, player=None, authenticator=Non
         pages[b"stats.json"] = LiveDocument(
             stats_json(stats, protected=authenticator is not None), b"application/json")
         pages[b"metrics"] = LiveDocument(*metrics_text(stats))
-    root = Root(pages, Stream(stream_factory))
+    root = Root(pages, Stream(stream_factory, mpeg1=mpeg1_factory))
     if authenticator is not None:
         root = Gate(root, authenticator)
     kwargs = {"reactor": reactor} if reactor is not None else {}

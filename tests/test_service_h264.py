@@ -11,7 +11,6 @@ import subprocess
 
 import pytest
 
-from pistreaming.broadcast import H264_ON_WS_PORT
 from pistreaming.camera import service as camera_service
 from pistreaming.encoder import output_args
 from pistreaming.mpegts import PESAssembler
@@ -138,13 +137,21 @@ class H264ServiceTests(Watching, ServiceCase):
         assert [(d["width"], d["height"]) for d in self.descriptions(newcomer.client)] == [
             (640, 360)]
 
-    def test_the_streams_own_port_closes_with_a_reason(self):
+    def test_the_streams_own_port_serves_mpeg1_made_on_demand(self):
         service = self.build_h264()
         self.ffmpeg_writes(self.small)
-        viewer = Network(service.factory, self.reactor).connect()
-        assert [m for m, binary in viewer.client.messages if binary] == []
-        assert viewer.client.closed == (1008, H264_ON_WS_PORT.decode())
-        assert service.factory.turned_away == 1
+        (ws_port,) = [factory for _, factory, _, _ in self.reactor.tcpServers
+                      if factory is not service.site]
+        assert ws_port is service.mpeg1_factory
+        assert len(self.reactor.spawned) == 1  # the H.264 encoder only
+        viewer = Network(ws_port, self.reactor).connect()
+        # the original demo's stream: jsmp and the pictures' size, then MPEG-TS
+        assert viewer.client.binary() == [b"jsmp\x01\x40\x00\xf0"]  # 320x240
+        assert viewer.client.closed is None
+        _, _, args, _ = self.reactor.spawned[-1]
+        assert len(self.reactor.spawned) == 2
+        assert args[args.index("-f") + 1] == "h264" and "mpeg1video" in args
+        assert service.factory.turned_away == 0
 
     def test_the_figures_say_codec_profile_level_and_keyframe_interval(self):
         service = self.build_h264("--keyframe-interval", "0.5")
