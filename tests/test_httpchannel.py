@@ -1,15 +1,21 @@
 """The HTTP connection (pistreaming.httpchannel.Channel) as a client meets
-it: the real Site from make_site over an in-memory transport that buffers
-and applies back-pressure the way a TCP transport does, on a fake clock."""
+it: the real Site from make_site (or a Site whose page answers when the test
+says) over an in-memory transport that buffers and applies back-pressure the
+way a TCP transport does, on a fake clock; and a check that the channel uses
+no private name of Twisted's."""
 
+import ast
+import inspect
+import re
 from types import SimpleNamespace
 
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogLevel, globalLogPublisher
+from twisted.web import resource, server
 
-from pistreaming import web
+from pistreaming import httpchannel, web
 from pistreaming.admission import PendingConnections
 from pistreaming.auth import Authenticator
 from pistreaming.broadcast import StreamFactory
@@ -183,7 +189,8 @@ def test_pipelined_requests_that_are_not_read_leave_little_held(conns, events):
     # what is read of the requests and not parsed is one read.
     assert len(t.value()) <= 64 * 1024 + answer
     channel = t.protocol
-    assert len(channel._buffer) + sum(map(len, channel._dataBuffer)) <= 64 * 1024
+    assert channel.clearLineBuffer() == b""  # the line parser holds nothing...
+    assert channel._unparsed_size <= 64 * 1024  # ...the channel one read at most
     assert len(channel.requests) <= 1
     assert len(t.unsent) == 4000 * len(GET_PLAYER) - t.readSize  # the rest waits
     assert t.producerState == "paused"  # nothing more is read
@@ -245,6 +252,21 @@ def test_a_client_that_sends_ever_more_while_held_is_cut_off(conns):
     t.producerState = "producing"
     t.send(b"X" * (MAX_UNPARSED + 1))
     assert t.disconnected or t.disconnecting
+
+
+def test_requests_sent_while_held_wait_unparsed_and_bounded(conns):
+    t = conns.open()
+    t.send(GET_PLAYER * 2)  # the first answer fills the transport: held
+    assert t.protocol._held
+    assert t.producerState == "paused"  # even with little waiting: nothing more is read
+    answered = t.value()
+    t.producerState = "producing"  # as if a transport handed over more anyway
+    t.send(GET_PAGE)
+    assert t.value() == answered  # not parsed, let alone answered
+    t.readSize = 1024 * 1024
+    t.send(GET_PAGE * (MAX_UNPARSED // len(GET_PAGE)))
+    assert t.disconnected  # cut off, not answered
+    assert t.value() == answered
 
 
 # -- deadlines ---------------------------------------------------------------
@@ -532,3 +554,239 @@ def test_a_request_line_just_under_the_limit_is_read(conns):
     t.send(b"GET /" + b"a" * 16000 + b" HTTP/1.1\r\nHost: campi\r\n\r\n")
     assert statuses(t.value()) == [404]
     assert b"a" * 100 not in t.value().split(b"\r\n")[0]  # nothing echoed in the status
+
+
+# -- what Twisted's own parser would refuse: our 400, never its bare one ------
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET / HTTP/1.1\r\nHost campi\r\n\r\n",  # no colon
+    b"GET / HTTP/1.1\r\nHo st: campi\r\n\r\n",  # a name that is not a token
+    b"GET / HTTP/1.1\r\nHost\t: campi\r\n\r\n",
+    b"GET / HTTP/1.1\r\n: campi\r\n\r\n",  # no name
+    b"GET / HTTP/1.1\r\nX(y): z\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX-\xc3\xa9: z\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX-A: b\x00c\r\n\r\n",  # NUL, CR or LF in a value
+    b"GET / HTTP/1.1\r\nX-A: b\rc\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX-A: b\nc\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: campi\r\nContent-Length: 0\r\n" + b"X-A: b\r\n" * 499 + b"\r\n",
+    b"GET\t/\tHTTP/1.1\r\n\r\n",
+    b"GET  / HTTP/1.1\r\n\r\n",
+    b" GET / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1 \r\n\r\n",
+    b"GET  HTTP/1.1\r\n\r\n",  # no target
+    b"G(T / HTTP/1.1\r\n\r\n",  # a method that is not a token
+    b"GET / HTTP/2.0\r\n\r\n",
+    b"GET / HTTP/1.2\r\n\r\n",
+    b"GET / http/1.1\r\n\r\n",
+    b"GET / HTTP/1.1x\r\n\r\n",
+    b"GET /\x7f HTTP/1.1\r\n\r\n",
+    b"GET /\x80 HTTP/1.1\r\n\r\n",
+    b"GET /\xc3\xa9 HTTP/1.1\r\n\r\n",
+    b"\r\nGET /index.html HTTP/1.1\r\nHost: campi\r\n\r\n\r\n\r\nGET / HTTP/1.1\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: campi\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n",
+])
+def test_what_twisteds_parser_would_refuse_gets_our_400(conns, events, request_bytes):
+    t = conns.open()
+    t.send(request_bytes)
+    data = t.value()
+    if request_bytes.startswith(b"\r\nGET"):
+        # One empty line before a request is let through, not two.
+        assert statuses(data[:data.index(b"HTTP/1.1 400")]) == [200]
+        data = data[data.index(b"HTTP/1.1 400"):]
+    elif b"chunked" in request_bytes:
+        assert_our_answer(data, 413)  # refused before a byte of the body is read
+        return
+    assert_our_answer(data, 400)
+    assert t.disconnecting
+    assert failures(events) == []
+
+
+def fill(total):
+    """A request whose line and header lines are C{total} bytes in all."""
+    head = [b"GET /index.html HTTP/1.1", b"Host: campi"]
+    filler = b"X-Fill: "
+    size = sum(map(len, head)) + len(filler)
+    return b"\r\n".join(head + [filler + b"f" * (total - size)]) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET /index.html HTTP/1.1\r\nHost: campi\r\n" + b"X-A: b\r\n" * 498 + b"\r\n",  # 500
+    fill(16384),
+    b"GET /index.html HTTP/1.1\r\nHost: campi\r\nContent-Length: \t0 \r\n\r\n",
+    b"GET /index.html HTTP/1.1\r\nHost: campi\r\ncontent-length:0\r\n\r\n",
+    b"GET /index.html HTTP/1.1\r\nHost: campi\r\nX-Empty:\r\nX-!#$%&'*+.^_`|~: v\r\n\r\n",
+    b"GET /index.html HTTP/1.1\r\nHost: campi\r\nX-Bytes: \xc3\xa9\x7f\r\n\r\n",
+    b"\r\nGET /index.html HTTP/1.1\r\nHost: campi\r\n\r\n",
+    b"GET /index.html?a=%C3%A9&b=~!$'()*+,;:@/? HTTP/1.1\r\nHost: campi\r\n\r\n",
+])
+def test_requests_at_the_edge_of_the_limits_are_answered(conns, request_bytes):
+    t = conns.open()
+    t.send(request_bytes)
+    assert statuses(t.value()) == [200]
+    assert not t.disconnecting
+
+
+def test_headers_one_byte_over_16_kib_get_400(conns):
+    t = conns.open()
+    t.send(fill(16385))
+    assert_our_answer(t.value(), 400)
+
+
+def test_a_get_that_says_it_has_no_body_keeps_its_header(conns):
+    seen = []
+    t = conns.open()
+    t.protocol.requestFactory = recording(t.protocol.requestFactory, seen)
+    t.send(b"GET /index.html HTTP/1.1\r\nHost: campi\r\nContent-Length: 0\r\n\r\n")
+    assert statuses(t.value()) == [200]
+    assert seen[0].getHeader(b"content-length") == b"0"
+
+
+def recording(factory, seen):
+    def make(*args, **kwargs):
+        request = factory(*args, **kwargs)
+        seen.append(request)
+        return request
+    return make
+
+
+def test_an_http_1_0_request_is_answered_and_closed(conns):
+    t = conns.open()
+    t.send(b"GET /index.html HTTP/1.0\r\n\r\n" + GET_PAGE)
+    assert statuses(t.value()) == [200]
+    assert t.disconnecting
+
+
+# -- requests that come while one is answered --------------------------------
+
+class Held(resource.Resource):
+    """Answers when the test says so."""
+
+    isLeaf = True
+
+    def __init__(self):
+        super().__init__()
+        self.waiting = []
+
+    def render_GET(self, request):
+        self.waiting.append(request)
+        return server.NOT_DONE_YET
+
+    def answer(self):
+        request = self.waiting.pop(0)
+        request.setHeader(b"content-length", b"3")
+        request.write(b"ok\n")
+        request.finish()
+
+
+@pytest.fixture
+def held():
+    clock = MemoryReactorClock()
+    page = Held()
+    site = web.Site(page, reactor=clock, timeout=IDLE_TIMEOUT)
+
+    def open_one():
+        channel = site.buildProtocol(IPv4Address("TCP", "198.51.100.7", 40000))
+        transport = TCPLikeTransport(IPv4Address("TCP", "198.51.100.7", 40000))
+        transport.protocol = channel
+        channel.makeConnection(transport)
+        return transport
+
+    return SimpleNamespace(page=page, clock=clock, open=open_one)
+
+
+def test_a_request_that_comes_while_one_is_answered_waits_its_turn(held):
+    t = held.open()
+    t.send(GET_PAGE + GET_PAGE[:10])
+    t.send(GET_PAGE[10:] + GET_PAGE)
+    assert len(held.page.waiting) == 1  # the next ones are not parsed yet
+    held.page.answer()
+    assert statuses(t.receive()) == [200]
+    assert len(held.page.waiting) == 1
+    held.page.answer()
+    held.page.answer()
+    assert statuses(t.receive()) == [200, 200]
+    assert not t.disconnecting
+
+
+def test_reading_stops_while_one_is_answered_and_resumes_after(held):
+    t = held.open()
+    t.readSize = 4096
+    padded = b"GET / HTTP/1.1\r\nHost: campi\r\nX-Pad: " + b"p" * 8000 + b"\r\n\r\n"
+    t.send(padded * 6)  # 48 KB
+    # A little is read ahead (16 KiB); the rest stays with the client.
+    assert t.producerState == "paused"
+    assert 16 * 1024 < t.protocol._unparsed_size <= 16 * 1024 + t.readSize
+    assert len(t.unsent) >= 5 * len(padded) - 16 * 1024 - t.readSize
+    got = Answers()
+    while held.page.waiting:
+        held.page.answer()
+        got.feed(t.receive())
+        assert t.protocol._unparsed_size <= 16 * 1024 + t.readSize
+    assert got.statuses == [200] * 6 and not t.unsent
+    assert t.producerState == "producing" and not t.disconnecting
+
+
+def test_a_client_that_sends_ever_more_while_one_is_answered_is_cut_off(held, events):
+    t = held.open()
+    t.readSize = 1024 * 1024  # as if a transport handed over more than TCP's one read
+    t.send(GET_PAGE)
+    t.send(b"X" * MAX_UNPARSED)
+    assert not t.disconnected
+    t.producerState = "producing"
+    t.send(b"X")
+    assert t.disconnected
+    logged = [e for e in events if "while one was answered" in e.get("log_format", "")]
+    assert len(logged) == 1 and logged[0]["log_level"] == LogLevel.info
+
+
+# -- no private Twisted name ----------------------------------------------------
+
+def private(name):
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def twisted_names(cls):
+    """Every private name the Twisted classes C{cls} inherits from define
+    or use (class attributes, and any _name in their source: attributes
+    their methods set on the instance)."""
+    names = set()
+    for base in cls.__mro__[1:]:
+        if not base.__module__.startswith("twisted."):
+            continue
+        names.update(n for n in vars(base) if private(n))
+        names.update(re.findall(r"\b_\w+", inspect.getsource(base)))
+    return {n for n in names if private(n)}
+
+
+def private_names_used(module):
+    """The private attribute names C{module}'s source uses (obj._x,
+    getattr(obj, "_x")), and the private names it imports."""
+    used, imported = set(), set()
+    for node in ast.walk(ast.parse(inspect.getsource(module))):
+        if isinstance(node, ast.Attribute) and private(node.attr):
+            used.add(node.attr)
+        elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+              and node.func.id in ("getattr", "setattr", "hasattr", "delattr")
+              and len(node.args) > 1 and isinstance(node.args[1], ast.Constant)
+              and isinstance(node.args[1].value, str) and private(node.args[1].value)):
+            used.add(node.args[1].value)
+        elif isinstance(node, ast.ImportFrom):
+            parts = (node.module or "").split(".")
+            imported.update(p for p in parts if private(p))
+            imported.update(a.name for a in node.names if private(a.name))
+        elif isinstance(node, ast.Import):
+            imported.update(p for a in node.names for p in a.name.split(".") if private(p))
+    return used, imported
+
+
+def test_the_channel_uses_no_private_twisted_name():
+    used, imported = private_names_used(httpchannel)
+    assert imported == set()
+    ours = {n for n in vars(httpchannel.Channel) if private(n)}
+    # Every private name it uses is its own (defined in its class)...
+    assert used - ours == set()
+    # ...and none of its own is one of Twisted's (no private hook overridden,
+    # no Twisted attribute shadowed).
+    theirs = twisted_names(httpchannel.Channel)
+    assert {"_handlingRequest", "_buffer", "_respondToBadRequestAndDisconnect"} <= theirs
+    assert ours & theirs == set()
