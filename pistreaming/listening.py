@@ -14,6 +14,13 @@ nothing, it stops accepting for a moment instead of spinning.
 L{raise_file_limit} raises the soft descriptor limit as far as the hard one
 allows (up to FILE_LIMIT), so that it takes far more connections to get
 there; L{listen_service} is C{strports.service} with such ports.
+
+The port is Twisted's TCP port with its public C{doRead} (and the accept
+loop in it) replaced; it uses no private Twisted attribute.  Its one
+difference from the reactor's own ports: a TLS port's closing line in the
+log says "TCP Port N Closed" (Twisted's reactor marks its TLS ports with a
+private attribute, used for that line only; its opening line still names
+TLS).
 """
 
 import errno
@@ -22,7 +29,7 @@ import resource
 import socket
 
 from twisted.application import service
-from twisted.internet import defer, endpoints, tcp
+from twisted.internet import address, defer, endpoints, tcp
 from twisted.internet.interfaces import IReactorSSL, IReactorTCP
 from twisted.internet.posixbase import PosixReactorBase
 from twisted.logger import Logger
@@ -71,6 +78,8 @@ class Port(tcp.Port):
     when the process (or the system) has no descriptor left."""
 
     pause = PAUSE
+    #: The port number it listens on, once listening.
+    _port_number = None
     _spare = None
     _resuming = None
     _recovering = None
@@ -82,6 +91,7 @@ class Port(tcp.Port):
 
     def startListening(self):
         super().startListening()
+        self._port_number = self.getHost().port
         self._reserve()
 
     def _reserve(self):
@@ -115,7 +125,7 @@ class Port(tcp.Port):
                     self._out_of_descriptors(e.errno)
                     break
                 log.failure("could not accept a connection on port {port}",
-                            port=self._realPortNumber)
+                            port=self._port_number)
                 break
             accepted += 1
             if self.exhausted and self._recovering is None:
@@ -127,7 +137,7 @@ class Port(tcp.Port):
                 self._connect(skt, addr)
             except Exception:
                 log.failure("could not set up a connection on port {port}",
-                            port=self._realPortNumber)
+                            port=self._port_number)
         # As Twisted does: accept more at a time while connections keep coming.
         if accepted == self.numberAccepts:
             self.numberAccepts += 20
@@ -140,7 +150,9 @@ class Port(tcp.Port):
             # IPv6: keep the scope ID.
             host = socket.getnameinfo(addr, socket.NI_NUMERICHOST | socket.NI_NUMERICSERV)
             addr = tuple([host[0]] + list(addr[1:]))
-        protocol = self.factory.buildProtocol(self._buildAddr(addr))
+        # An IPv6 socket's addresses are (host, port, flow info, scope ID).
+        kind = address.IPv6Address if len(addr) == 4 else address.IPv4Address
+        protocol = self.factory.buildProtocol(kind("TCP", *addr))
         if protocol is None:
             skt.close()
             return
@@ -168,7 +180,7 @@ class Port(tcp.Port):
             self.exhausted = True
             log.warn("out of file descriptors ({error}) on port {port}: new connections are "
                      "closed unanswered until some are free", error=errno.errorcode[code],
-                     port=self._realPortNumber)
+                     port=self._port_number)
         if not closed and self._resuming is None:
             # Nothing could be taken off the queue: the socket stays readable;
             # rather than trying again at once, wait a moment.
@@ -185,7 +197,7 @@ class Port(tcp.Port):
             return
         log.info("accepting connections again on port {port} ({dropped} closed "
                  "unanswered while out of file descriptors)",
-                 port=self._realPortNumber, dropped=self.dropped)
+                 port=self._port_number, dropped=self.dropped)
         self.exhausted = False
         self.dropped = 0
 
@@ -216,12 +228,11 @@ class _Listening:
         return listening
 
     def listenSSL(self, port, factory, contextFactory, backlog=50, interface=""):
-        # As the reactor's own listenSSL does.
+        # As the reactor's own listenSSL does (but for marking the port as
+        # TLS in a private attribute, which only its closing log line reads).
         from twisted.protocols.tls import TLSMemoryBIOFactory
-        listening = self.listenTCP(port, TLSMemoryBIOFactory(contextFactory, False, factory),
-                                   backlog, interface)
-        listening._type = "TLS"
-        return listening
+        return self.listenTCP(port, TLSMemoryBIOFactory(contextFactory, False, factory),
+                              backlog, interface)
 
 
 class ListeningService(service.Service):

@@ -3,8 +3,11 @@ a port on a Clock, with the kernel's descriptors and queue played by the
 test; then a server in a subprocess with a low descriptor limit, real
 sockets on 127.0.0.1, every wait bounded and ended by what the server says."""
 
+import ast
 import errno
+import inspect
 import os
+import re
 import select
 import socket
 import subprocess
@@ -97,7 +100,7 @@ class PortOnAClock(unittest.TestCase):
         port = listening.Port(8082, NoProtocols(), 50, "127.0.0.1", self.clock)
         port.socket = kernel
         port.connected = True
-        port._realPortNumber = 8082
+        port._port_number = 8082
         port.numberAccepts = 100
         port._reserve()
         port.startReading()
@@ -331,3 +334,45 @@ def test_the_soft_descriptor_limit_is_raised_to_the_hard_one():
         assert s.read("file descriptor limit raised from 100")
     finally:
         s.stop()
+
+
+# -- no private Twisted name ----------------------------------------------------
+
+def private(name):
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def twisted_names(cls):
+    """The private names of the Twisted classes C{cls} inherits from: their
+    class attributes, and any _name in their source (what their methods set
+    on the instance)."""
+    names = set()
+    for base in cls.__mro__[1:]:
+        if base.__module__.startswith("twisted."):
+            names.update(vars(base))
+            names.update(re.findall(r"\b_\w+", inspect.getsource(base)))
+    return {n for n in names if private(n)}
+
+
+def test_the_ports_use_no_private_twisted_name():
+    tree = ast.parse(inspect.getsource(listening))
+    imported = [node for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and any(map(private, (node.module or "").split(".") + [a.name for a in node.names]))]
+    assert imported == []
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    ours = {}
+    for name, node in classes.items():
+        cls = getattr(listening, name)
+        mine = {n for n in vars(cls) if private(n)}
+        mine.update(target.attr for target in ast.walk(node)
+                    if isinstance(target, ast.Attribute) and isinstance(target.ctx, ast.Store)
+                    and isinstance(target.value, ast.Name) and target.value.id == "self")
+        used = {a.attr for a in ast.walk(node) if isinstance(a, ast.Attribute) and private(a.attr)}
+        # What each class uses is its own, and none of its own is Twisted's.
+        assert used - mine == set(), name
+        assert mine & twisted_names(cls) == set(), name
+        ours[name] = mine
+    # Outside the classes too (listenTCP's port, for one), no private attribute.
+    outside = {a.attr for a in ast.walk(tree) if isinstance(a, ast.Attribute) and private(a.attr)}
+    assert outside - set().union(*ours.values()) == set()
+    assert {"_realPortNumber", "_buildAddr", "_type"} <= twisted_names(listening.Port)
