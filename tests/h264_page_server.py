@@ -11,6 +11,14 @@ Pictures go out at the clip's frame rate, looping; a newcomer gets the
 stream message, the latest keyframe's message and every message since,
 then the live ones.
 
+At the stream's address with ?codec=mpeg1 it serves, as the daemon does
+for browsers that can play H.264 neither through WebCodecs nor MSE, an
+MPEG-1 stream: the 8-byte jsmp header, then MPEG-TS a picture to a message
+(cut by the daemon's own pistreaming.mpegts.PictureSplitter), a newcomer
+getting the pictures since the latest intra picture first.  It is testsrc2
+of the first clip's size, made by ffmpeg with the daemon's own MPEG-1
+output arguments (pistreaming.encoder.output_args).
+
 The clips are made with ffmpeg when the server starts: testsrc2, baseline
 profile, a keyframe every 2 s, SPS and PPS before every IDR, no B-frames
 (x264's zerolatency tuning: several slices to a picture, as the daemon's
@@ -32,6 +40,13 @@ A test drives it over HTTP, on the same port as the page:
                               clip from its keyframe; answers once sent
     /control/drop             every viewer's connection is cut, as when the
                               daemon stops
+    /control/mpeg1?serve=0    ?codec=mpeg1 gets the H.264 stream, as from a
+                              daemon that makes no MPEG-1 for such viewers
+                              (serve=1: MPEG-1 again)
+
+/control/state also counts the connections to each stream since the server
+started ("h264_connects", "mpeg1_connects") and the MPEG-1 viewers now
+("mpeg1_viewers").
 
 Run it as ``python -m tests.h264_page_server DIRECTORY`` (it prints
 "listening on PORT"), or from a test with L{PageServer}.
@@ -42,13 +57,14 @@ import json
 import os
 import random
 import select
+import struct
 import subprocess
 import sys
 import time
 import urllib.request
 from types import SimpleNamespace
 
-from pistreaming import h264
+from pistreaming import encoder, h264, mpegts
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,6 +89,32 @@ def encode_clip(path, size, rate=RATE, seconds=CLIP_SECONDS,
          "-g", str(gop), "-keyint_min", str(gop), "-sc_threshold", "0", "-bf", "0",
          "-x264-params", "repeat-headers=1", "-f", "h264", path],
         check=True, timeout=120)
+
+
+def encode_mpeg1_clip(path, size, rate=RATE, seconds=CLIP_SECONDS, bitrate=800_000):
+    """An MPEG-TS file at C{path}: testsrc2 of C{size} ("WxH") in MPEG-1,
+    as the daemon's encoder makes it."""
+    output = encoder.output_args(rate, bitrate, codec="mpeg1")
+    assert output[-1] == "pipe:1", output
+    subprocess.run(
+        ["ffmpeg", "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
+         "-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}", "-t", str(seconds),
+         "-pix_fmt", "yuv420p"] + output[:-1] + [path],
+        check=True, timeout=120)
+
+
+class Mpeg1Clip:
+    """A prepared MPEG-1 stream: its header and its pictures (TS chunks)."""
+
+    def __init__(self, path, size):
+        with open(path, "rb") as f:
+            data = f.read()
+        data = data[:len(data) - len(data) % mpegts.PACKET]
+        self.chunks = [c for c in mpegts.PictureSplitter().feed(data) if c.picture]
+        if not self.chunks or not self.chunks[0].keyframe:
+            raise ValueError(f"{path}: the clip does not begin with an intra picture")
+        width, height = map(int, size.split("x"))
+        self.header = b"jsmp" + struct.pack(">HH", width, height)
 
 
 def clip_units(path):
@@ -124,6 +166,7 @@ class Player:
         self.stage = h264.H264Stream(self.send_chunk, self.send_config, KEYFRAME_INTERVAL, clock)
         self.viewers = []
         self.since_key = []  # the messages since (and with) the latest keyframe
+        self.connects = 0
         self.sent = 0
         self.keyframes = 0
         self.corrupt = False
@@ -134,6 +177,7 @@ class Player:
         return json.dumps({"stream": self.stage.message()}).encode("utf-8")
 
     def join(self, viewer):
+        self.connects += 1
         if self.stage.config is not None:
             viewer.send(self.stream_message(), False)
             for message in self.since_key:
@@ -185,7 +229,8 @@ class Player:
 
     def state(self):
         return {"clip": self.clip.name, "sent": self.sent, "since_key": len(self.since_key),
-                "viewers": len(self.viewers), "keyframes": self.keyframes}
+                "viewers": len(self.viewers), "keyframes": self.keyframes,
+                "h264_connects": self.connects}
 
     def after(self, test):
         from twisted.internet import defer
@@ -194,7 +239,44 @@ class Player:
         return d
 
 
-def control_resource(player):
+class Mpeg1Player:
+    """Plays an MPEG-1 clip to its viewers at its frame rate, looping: the
+    header and the pictures since the latest intra picture to a newcomer,
+    then each picture as it comes."""
+
+    def __init__(self, clip):
+        self.clip = clip
+        self.index = 0
+        self.viewers = []
+        self.since_key = []
+        self.connects = 0
+        self.served = True  # (else ?codec=mpeg1 gets the H.264 stream)
+
+    def join(self, viewer):
+        self.connects += 1
+        viewer.send(self.clip.header, True)
+        for message in self.since_key:
+            viewer.send(message, True)
+        self.viewers.append(viewer)
+
+    def leave(self, viewer):
+        if viewer in self.viewers:
+            self.viewers.remove(viewer)
+
+    def tick(self):
+        chunk = self.clip.chunks[self.index]
+        self.index = (self.index + 1) % len(self.clip.chunks)
+        if chunk.keyframe:
+            self.since_key = []
+        self.since_key.append(chunk.data)
+        for viewer in self.viewers:
+            viewer.send(chunk.data, True)
+
+    def state(self):
+        return {"mpeg1_connects": self.connects, "mpeg1_viewers": len(self.viewers)}
+
+
+def control_resource(player, mpeg1):
     from twisted.web import resource, server
 
     class Control(resource.Resource):
@@ -205,7 +287,11 @@ def control_resource(player):
             args = {k.decode(): v[0].decode() for k, v in request.args.items()}
             if command == "state":
                 request.setHeader(b"content-type", b"application/json")
-                return json.dumps(player.state()).encode()
+                return json.dumps(dict(player.state(), **mpeg1.state())).encode()
+            if command == "mpeg1":
+                mpeg1.served = args.get("serve", "1") == "1"
+                request.setHeader(b"content-type", b"application/json")
+                return json.dumps(dict(player.state(), **mpeg1.state())).encode()
             if command == "midgroup":
                 at = int(args.get("at", "30"))
                 d = player.after(lambda: len(player.since_key) == at)
@@ -238,7 +324,7 @@ def control_resource(player):
     return Control()
 
 
-def make_server(clips, rate, reactor):
+def make_server(clips, rate, reactor, mpeg1_clip):
     from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
     from twisted.internet import task
     from twisted.web import resource
@@ -246,6 +332,7 @@ def make_server(clips, rate, reactor):
     from pistreaming import web
 
     player = Player(clips, reactor)
+    mpeg1 = Mpeg1Player(mpeg1_clip)
 
     class Viewer(WebSocketServerProtocol):
         wants_status = False
@@ -257,10 +344,10 @@ def make_server(clips, rate, reactor):
             return None
 
         def onOpen(self):
-            player.join(self)
+            self.factory.stream.join(self)
 
         def onClose(self, wasClean, code, reason):
-            player.leave(self)
+            self.factory.stream.leave(self)
 
         def send(self, payload, binary):
             if self.state == self.STATE_OPEN:
@@ -268,7 +355,12 @@ def make_server(clips, rate, reactor):
 
     factory = WebSocketServerFactory()
     factory.protocol = Viewer
+    factory.stream = player
     factory.setProtocolOptions(autoPingInterval=0)
+    mpeg1_factory = WebSocketServerFactory()
+    mpeg1_factory.protocol = Viewer
+    mpeg1_factory.stream = mpeg1
+    mpeg1_factory.setProtocolOptions(autoPingInterval=0)
     first = clips[0]
     width, height = map(int, first.name.split("x"))
     config = SimpleNamespace(width=width, height=height, color="#444", bgcolor="#333")
@@ -278,17 +370,22 @@ def make_server(clips, rate, reactor):
     class Routes(resource.Resource):
         def __init__(self):
             super().__init__()
-            self.control = control_resource(player)
+            self.control = control_resource(player, mpeg1)
+            self.mpeg1 = web.Stream(mpeg1_factory)
 
         def getChild(self, name, request):
             if name == b"control":
                 return self.control
+            if (name == b"stream" and not request.postpath and mpeg1.served
+                    and request.args.get(b"codec") == [b"mpeg1"]):
+                return self.mpeg1
             return pages.getChildWithDefault(name, request)
 
     site.resource = Routes()
-    ticks = task.LoopingCall(player.tick)
-    ticks.clock = reactor
-    ticks.start(1.0 / rate)
+    for stream in (player, mpeg1):
+        ticks = task.LoopingCall(stream.tick)
+        ticks.clock = reactor
+        ticks.start(1.0 / rate)
     return site, player
 
 
@@ -302,8 +399,11 @@ def main(argv=None):
         path = os.path.join(args.directory, f"{size}.264")
         encode_clip(path, size)
         clips.append(Clip(path))
+    path = os.path.join(args.directory, f"{CLIPS[0]}.ts")
+    encode_mpeg1_clip(path, CLIPS[0])
+    mpeg1_clip = Mpeg1Clip(path, CLIPS[0])
     from twisted.internet import reactor
-    site, _ = make_server(clips, RATE, reactor)
+    site, _ = make_server(clips, RATE, reactor, mpeg1_clip)
     port = reactor.listenTCP(args.port, site, interface="127.0.0.1")
     print(f"listening on {port.getHost().port}", flush=True)
     reactor.run()
