@@ -115,6 +115,9 @@ class H264ServiceTests(unittest.TestCase):
     def setUp(self):
         Pool.pools = []
         self.patch(camera_service, "ThreadPool", Pool)
+        # At most 3 access units wait for the reactor here (the daemon lets
+        # about a second's worth wait): the scripts below stay short.
+        self.patch(AccessUnitOutput, "max_pending", 3)
         self.reactor = ThreadReactor()
         self.source = Source()
         self.source.clock = self.reactor
@@ -277,3 +280,27 @@ class RealThreadsTests(unittest.TestCase):
             yield with_timeout(service.stopService(), 5, "camera service stop")
         assert got[0][1] and all(u[3] for u in got)  # delivered in the reactor's thread
         assert rig.open == set()
+
+
+def test_what_waits_for_the_reactor_is_bounded_in_bytes_too():
+    handed = []
+    output = AccessUnitOutput(lambda *unit: None, lambda f, *a: handed.append((f, a)))
+    big = b"\0\0\0\1\x65" + bytes(output.max_pending_bytes // 2)
+    output.access_unit(big, True, 1.0)
+    output.access_unit(big, False, 1.0)  # would pass the byte bound: dropped
+    assert (output.frames_captured, output.frames_dropped, output.gaps) == (2, 1, 1)
+    assert output.waiting_for_keyframe
+    for f, args in handed:  # the reactor takes what waited
+        f(*args)
+    output.access_unit(big, True, 2.0)  # a keyframe, with room again
+    assert not output.waiting_for_keyframe and output.frames_dropped == 1
+
+
+def test_about_a_second_of_access_units_may_wait_for_the_reactor():
+    # A reactor a few frames late (a busy moment) must not cost every picture
+    # up to the next keyframe.
+    output = AccessUnitOutput(lambda *unit: None, lambda f, *a: None)
+    output.access_unit(KEY, True, 1.0)
+    for _ in range(29):
+        output.access_unit(PICTURE, False, 1.0)
+    assert output.frames_dropped == 0 and output.max_pending >= 30

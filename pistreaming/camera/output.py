@@ -88,8 +88,14 @@ class AccessUnitOutput:
     in the reactor thread (to ask the camera for that keyframe soon).
     """
 
-    #: Access units handed to the reactor but not yet taken; more are dropped.
-    max_pending = 3
+    #: Access units (and bytes of them) handed to the reactor but not yet
+    #: taken; more are dropped.  Unlike raw frames (megabytes each, held to
+    #: two), access units are small, and a drop costs every picture up to
+    #: the next keyframe: a reactor a few frames late (a busy moment, a
+    #: garbage collection) must not freeze the picture for seconds, so about
+    #: a second of them may wait.
+    max_pending = 32
+    max_pending_bytes = 4 * 1024 * 1024
 
     def __init__(self, deliver, call_from_thread, on_gap=None, clock=time.time):
         """
@@ -107,6 +113,7 @@ class AccessUnitOutput:
         self._clock = clock
         self._lock = threading.Lock()
         self._pending = 0
+        self._pending_bytes = 0
         #: After a drop: nothing is handed over until a keyframe.
         self.waiting_for_keyframe = False
         self.frames_captured = 0
@@ -121,7 +128,9 @@ class AccessUnitOutput:
         hand_over = gap = False
         with self._lock:
             self.frames_captured += 1
-            if self._pending >= self.max_pending or (self.waiting_for_keyframe and not keyframe):
+            full = (self._pending >= self.max_pending
+                    or self._pending_bytes + len(data) > self.max_pending_bytes)
+            if full or (self.waiting_for_keyframe and not keyframe):
                 self.frames_dropped += 1
                 if not self.waiting_for_keyframe:
                     self.waiting_for_keyframe = gap = True
@@ -129,6 +138,7 @@ class AccessUnitOutput:
             else:
                 self.waiting_for_keyframe = False
                 self._pending += 1
+                self._pending_bytes += len(data)
                 hand_over = True
         if hand_over:
             self._call_from_thread(self._take, data, keyframe, captured_at)
@@ -138,4 +148,5 @@ class AccessUnitOutput:
     def _take(self, data, keyframe, captured_at):
         with self._lock:
             self._pending -= 1
+            self._pending_bytes -= len(data)
         self._deliver(data, keyframe, captured_at)
