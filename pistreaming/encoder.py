@@ -39,6 +39,10 @@ H264_ENCODERS = ("libx264", "h264_v4l2m2m", "copy")
 #: length (pistreaming.mpegts.PESAssembler: a picture of open length is known
 #: to be complete only when the next begins, a frame interval later).
 H264_MAX_VBV = 500_000
+#: x264's presets the daemon may use (--x264-preset), fastest first: each
+#: later one spends more CPU for fewer bits at the same quality (see
+#: docs/benchmarks.rst, bench/quality).
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
 
 
 
@@ -64,11 +68,14 @@ def keyframe_distance(framerate, keyframe_interval):
     return max(1, round(Fraction(framerate) * Fraction(keyframe_interval).limit_denominator(1000)))
 
 
-def h264_args(framerate, bitrate, keyframe_interval, encoder="libx264"):
+def h264_args(framerate, bitrate, keyframe_interval, encoder="libx264",
+              x264_preset="superfast"):
     """ffmpeg's video codec arguments for H.264 that every browser decodes
-    at once: constrained baseline (no B-frames, so no picture waits for a
-    later one), a keyframe (IDR, with SPS and PPS before it) every
-    C{keyframe_interval} seconds and no others."""
+    at once: no B-frames (so no picture waits for a later one), a keyframe
+    (IDR, with SPS and PPS before it) every C{keyframe_interval} seconds and
+    no others.  x264 makes the High profile (without B-frames: CABAC and 8x8
+    transforms, fewer bits than baseline for the same picture, and decoded
+    by every browser), at C{x264_preset}."""
     if encoder not in H264_ENCODERS:
         raise ValueError(f"not an H.264 encoder: {encoder!r}")
     if encoder == "copy":
@@ -81,16 +88,18 @@ def h264_args(framerate, bitrate, keyframe_interval, encoder="libx264"):
         # encoder has no name for it) through V4L2 controls.
         return ["-c:v", "h264_v4l2m2m", "-pix_fmt", "yuv420p",
                 "-b:v", str(bitrate), "-g", str(gop), "-bf", "0", "-profile:v", "578"]
+    if x264_preset not in X264_PRESETS:
+        raise ValueError(f"not an x264 preset the daemon uses: {x264_preset!r}")
     return [
-        # x264 at its fastest, and with zerolatency: no lookahead, no
-        # B-frames, each picture out before the next frame goes in (several
-        # slices of one picture, coded on several threads).
-        "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
-        "-profile:v", "baseline", "-pix_fmt", "yuv420p",
-        # the bit rate asked for, with a buffer of at most half a second
-        # (and H264_MAX_VBV), so a keyframe does not balloon
+        # x264 with zerolatency: no lookahead, no B-frames, each picture out
+        # before the next frame goes in (several slices of one picture, coded
+        # on several threads).
+        "-c:v", "libx264", "-preset", x264_preset, "-tune", "zerolatency",
+        "-profile:v", "high", "-pix_fmt", "yuv420p",
+        # the bit rate asked for, with a buffer of at most a second (and
+        # H264_MAX_VBV), so a keyframe does not balloon
         "-b:v", str(bitrate), "-maxrate", str(bitrate),
-        "-bufsize", str(min(bitrate // 2, H264_MAX_VBV)),
+        "-bufsize", str(min(bitrate, H264_MAX_VBV)),
         # keyframes every GOP frames exactly: none at scene cuts
         "-g", str(gop), "-keyint_min", str(gop), "-sc_threshold", "0",
         # SPS and PPS before every keyframe, where a decoder can start
@@ -99,14 +108,14 @@ def h264_args(framerate, bitrate, keyframe_interval, encoder="libx264"):
 
 
 def output_args(framerate, bitrate, codec="mpeg1", keyframe_interval=2.0,
-                h264_encoder="libx264"):
+                h264_encoder="libx264", x264_preset="superfast"):
     """Everything after the filters: the encoder and the muxer (the one place
     for the output flags, whatever the input)."""
     if codec not in CODECS:
         raise ValueError(f"not a codec the encoder makes: {codec!r}")
     framerate = Fraction(framerate)
     if codec == "h264":
-        command = h264_args(framerate, bitrate, keyframe_interval, h264_encoder)
+        command = h264_args(framerate, bitrate, keyframe_interval, h264_encoder, x264_preset)
         return command + _mpegts_args()
     # One intra picture a second: a new viewer's first picture is never far.
     gop = max(1, round(framerate))
@@ -134,7 +143,8 @@ def _mpegts_args():
 
 
 def ffmpeg_command(ffmpeg, geometry, framerate, bitrate, video_input=None, filters=(),
-                   codec="mpeg1", keyframe_interval=2.0, h264_encoder=None):
+                   codec="mpeg1", keyframe_interval=2.0, h264_encoder=None,
+                   x264_preset="superfast"):
     """The ffmpeg argument list (argv[0] included) for the stream.
 
     @param video_input: (input arguments, filters) for a source that ffmpeg
@@ -144,6 +154,7 @@ def ffmpeg_command(ffmpeg, geometry, framerate, bitrate, video_input=None, filte
     @param filters: more video filters, applied last (e.g. an annotation).
     @param codec: C{"mpeg1"} or C{"h264"}.
     @param keyframe_interval: seconds from one H.264 keyframe to the next.
+    @param x264_preset: x264's preset, where x264 makes the H.264.
     @param h264_encoder: one of L{H264_ENCODERS}, if not the input's own
         (by default libx264); C{"copy"} only for a source that gives H.264
         itself, and then without filters.
@@ -160,7 +171,8 @@ def ffmpeg_command(ffmpeg, geometry, framerate, bitrate, video_input=None, filte
             raise ValueError(f"H.264 copied as it comes cannot be filtered ({','.join(chain)})")
     elif chain:
         command += ["-vf", ",".join(chain)]
-    return command + output_args(framerate, bitrate, codec, keyframe_interval, h264_encoder)
+    return command + output_args(framerate, bitrate, codec, keyframe_interval, h264_encoder,
+                                 x264_preset)
 
 
 #: fcntl's F_SETPIPE_SZ (Linux; Python's fcntl names it from 3.10 on).

@@ -34,6 +34,8 @@ CAMERA_FORMS = CAMERAS + ("v4l2:DEVICE", "file:PATH")
 #: What the stream to viewers is: H.264 (from the camera's own encoder where
 #: it has one, else libx264 in the ffmpeg child) or MPEG-1 (ffmpeg, JSMpeg).
 CODECS = ("mpeg1", "h264")
+#: x264's presets (pistreaming.encoder.X264_PRESETS), fastest first.
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium")
 ROTATIONS = ("0", "180")
 
 MIN_SIDE, MAX_SIDE = 32, 4095  # MPEG-1 allows at most 4095 pixels a side
@@ -59,6 +61,8 @@ class Config:
     codec: str = "mpeg1"
     #: Seconds between pictures a decoder can start at (H.264 IDR pictures).
     keyframe_interval: float = 2.0
+    #: x264's preset where the daemon makes the H.264 itself (X264_PRESETS).
+    x264_preset: str = "superfast"
     vflip: bool = False
     hflip: bool = False
     camera: str = "auto"
@@ -169,6 +173,14 @@ def parse_codec(text):
             f"--codec: {text!r} is not a codec this daemon streams; use one of "
             + ", ".join(CODECS))
     return codec
+
+
+def parse_x264_preset(text):
+    preset = text.strip().lower()
+    if preset not in X264_PRESETS:
+        raise usage.UsageError(
+            f"--x264-preset: {text!r} is not one of " + ", ".join(X264_PRESETS))
+    return preset
 
 
 def parse_seconds(option, text, low, high):
@@ -441,6 +453,11 @@ class Options(usage.Options):
          "https and http://localhost)."],
         ["keyframe-interval", None, _as_text(Config.keyframe_interval),
          "Seconds between H.264 keyframes (where a new viewer's decoder starts)."],
+        ["x264-preset", None, Config.x264_preset,
+         "Where the daemon encodes H.264 itself (test pattern, files, webcams without "
+         "H.264 and without a hardware encoder): x264's preset, " + ", ".join(X264_PRESETS)
+         + "; each later one costs more CPU and gives a better picture at the same "
+         "bit rate."],
         ["camera", "c", Config.camera,
          "Frame source: auto (picamera2, else picamera, else test), picamera2, "
          "picamera, test, v4l2:/dev/videoN (a USB webcam), file:PATH (a video file, looped)."],
@@ -484,7 +501,8 @@ class Options(usage.Options):
     compData = usage.Completions(
         optActions={"camera": usage.CompleteList(CAMERAS),
                     "rotation": usage.CompleteList(ROTATIONS),
-                    "codec": usage.CompleteList(CODECS)}
+                    "codec": usage.CompleteList(CODECS),
+                    "x264-preset": usage.CompleteList(X264_PRESETS)}
     )
 
     def postOptions(self):
@@ -504,6 +522,7 @@ class Options(usage.Options):
             codec=parse_codec(self["codec"]),
             keyframe_interval=parse_seconds(
                 "keyframe-interval", self["keyframe-interval"], 0.1, 60),
+            x264_preset=parse_x264_preset(self["x264-preset"]),
             vflip=vflip,
             hflip=hflip,
             camera=camera,

@@ -117,7 +117,8 @@ class Pistream(service.MultiService):
             self.encoder = Encoder(
                 ffmpeg_command(config.ffmpeg, geometry, config.framerate, config.bitrate,
                                video_input, filters, codec=config.codec,
-                               keyframe_interval=config.keyframe_interval),
+                               keyframe_interval=config.keyframe_interval,
+                               x264_preset=config.x264_preset),
                 self.h264.feed if h264 else self.fanout.broadcast, reactor,
                 framerate=config.framerate, timings=self.times.add,
                 reads_stdin=video_input is None, frame_size=geometry.frame_size,

@@ -368,7 +368,7 @@ def test_the_daemon_with_codec_h264_plays_in_the_page(browser):
         try:
             wait_for_drawn(page, 45)
             assert state(page, "codec", "decoder", "width", "height", "state", "profile") == \
-                ["h264", "WebCodecs", 640, 480, "playing", "Constrained Baseline"]
+                ["h264", "WebCodecs", 640, 480, "playing", "High"]
             canvas = page.locator("#video")
             first = picture(canvas.screenshot())
             drawn = page.evaluate("window.pistream.drawn")

@@ -84,9 +84,9 @@ def test_the_raw_path_h264_command_in_full():
         "-f", "rawvideo", "-pix_fmt", "yuv420p", "-video_size", "1312x736",
         "-framerate", "30/1", "-i", "pipe:0",
         "-vf", "crop=1296:730:0:0",
-        "-c:v", "libx264", "-preset", "ultrafast", "-tune", "zerolatency",
-        "-profile:v", "baseline", "-pix_fmt", "yuv420p",
-        "-b:v", "800000", "-maxrate", "800000", "-bufsize", "400000",
+        "-c:v", "libx264", "-preset", "superfast", "-tune", "zerolatency",
+        "-profile:v", "high", "-pix_fmt", "yuv420p",
+        "-b:v", "800000", "-maxrate", "800000", "-bufsize", "500000",
         "-g", "60", "-keyint_min", "60", "-sc_threshold", "0",
         "-x264-params", "repeat-headers=1",
         "-f", "mpegts", "-muxdelay", "0", "-muxpreload", "0", "-flush_packets", "1",
@@ -112,12 +112,12 @@ def test_keyframes_come_every_interval_in_frames(rate, interval, frames):
     assert keyframe_distance(Fraction(rate), interval) == frames
 
 
-def test_the_rate_control_buffer_is_half_a_second_and_at_most_64_kb():
+def test_the_rate_control_buffer_is_a_second_and_at_most_64_kb():
     def bufsize(bitrate):
         args = output_args(30, bitrate, "h264")
         return int(args[args.index("-bufsize") + 1])
-    assert bufsize(400_000) == 200_000
-    assert bufsize(800_000) == 400_000
+    assert bufsize(400_000) == 400_000
+    assert bufsize(800_000) == H264_MAX_VBV
     assert bufsize(8_000_000) == H264_MAX_VBV
     assert H264_MAX_VBV // 8 < 65535 - 100  # a picture fits one PES length
 
@@ -420,3 +420,10 @@ def test_a_picture_of_open_length_cut_by_a_crash_is_not_handed_on(big_picture):
     proto.transport.end(Failure(ProcessTerminated(signal=9)))
     assert got == []
     assert encoder.pes_dropped == 1
+
+
+def test_the_x264_preset_is_the_one_asked_for():
+    args = output_args(30, 800_000, "h264", x264_preset="medium")
+    assert args[args.index("-preset") + 1] == "medium"
+    with pytest.raises(ValueError):
+        output_args(30, 800_000, "h264", x264_preset="placebo")

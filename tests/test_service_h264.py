@@ -68,10 +68,12 @@ class H264ServiceTests(Watching, ServiceCase):
         self.ffmpeg.childDataReceived(1, ts)
 
     def test_ffmpeg_is_asked_for_h264_in_mpeg_ts(self):
-        self.build_h264("--keyframe-interval", "1.5")
+        self.build_h264("--keyframe-interval", "1.5", "--x264-preset", "medium")
         _, executable, args, _ = self.reactor.spawned[-1]
         assert "libx264" in args and "mpegts" in args
         assert args[args.index("-g") + 1] == "45"  # 1.5 s at 30 fps
+        assert args[args.index("-preset") + 1] == "medium"
+        assert args[args.index("-tune") + 1] == "zerolatency"  # no B-frames, no lookahead
 
     def test_a_viewer_gets_the_description_then_pictures_from_a_keyframe(self):
         service = self.build_h264()
@@ -85,8 +87,8 @@ class H264ServiceTests(Watching, ServiceCase):
         (description,) = self.descriptions(early.client)
         assert description["codec"] == "h264"
         assert (description["width"], description["height"]) == (320, 240)
-        assert description["codecs"].startswith("avc1.42")
-        assert description["profile"] == "Constrained Baseline"
+        assert description["codecs"].startswith("avc1.64")
+        assert description["profile"] == "High"  # x264's, without B-frames
         pictures = self.pictures(early.client)
         assert len(pictures) == 30
         assert pictures[0].keyframe and is_idr(pictures[0].access_unit)
@@ -158,7 +160,7 @@ class H264ServiceTests(Watching, ServiceCase):
         self.ffmpeg_writes(self.small)
         figures = service.stats.gather()["stream"]
         assert figures["codec"] == "h264"
-        assert figures["profile"] == "Constrained Baseline"
+        assert figures["profile"] == "High"
         assert figures["level"] and figures["codecs"].startswith("avc1.")
         assert figures["keyframe_interval_setting"] == 0.5
         assert figures["keyframes"] == 3
