@@ -322,6 +322,8 @@ class Encoder(service.Service):
     """Keeps one ffmpeg running; feeds it frames, hands its output to C{sink}."""
 
     name = "encoder"
+    #: What the log calls it.
+    what = "encoder"
     log = Logger()
 
     first_restart_delay = 0.25
@@ -457,7 +459,7 @@ class Encoder(service.Service):
             why = (e.strerror or (os.strerror(e.errno) if e.errno else "") or str(e)) \
                 if isinstance(e, OSError) else str(e)
             why = f"cannot start {self.command[0]}: {why.lower() if why else type(e).__name__}"
-            self.log.error("encoder: {why}; trying again in {delay}s", why=why,
+            self.log.error("{what}: {why}; trying again in {delay}s", what=self.what, why=why,
                            delay=self._delay)
             self._set_state("unavailable", why)
             self._schedule_restart()
@@ -476,7 +478,7 @@ class Encoder(service.Service):
 
     def _process_started(self, proto):
         self.process = proto
-        self.log.info("encoder process: ffmpeg pid {pid}: {command}",
+        self.log.info("{what} process: ffmpeg pid {pid}: {command}", what=self.what,
                       pid=proto.transport.pid, command=" ".join(self.command))
 
     def _process_ended(self, proto, reason):
@@ -498,7 +500,8 @@ class Encoder(service.Service):
         how = f"was killed by signal {sig}" if sig else f"exited with code {code}"
         stderr = proto.stderr_text()
         self.log.error(
-            "encoder: ffmpeg {how} after {ran:.1f}s; restarting in {delay}s{stderr}",
+            "{what}: ffmpeg {how} after {ran:.1f}s; restarting in {delay}s{stderr}",
+            what=self.what,
             how=how, ran=ran, delay=self._delay,
             stderr=(": " + stderr) if stderr else "",
         )

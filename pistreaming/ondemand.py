@@ -111,6 +111,8 @@ class OnDemandEncoder(Encoder):
     fan-out's chunks (L{feed_h264}), it hands MPEG-1 chunks to C{sink}.  It
     is started and stopped by L{OnDemand}, as often as viewers come and go."""
 
+    what = "MPEG-1 on demand"
+
     def __init__(self, command, sink, reactor, start_cache, framerate=30,
                  request_keyframe=None, on_state=None, max_behind=MAX_BEHIND):
         """
