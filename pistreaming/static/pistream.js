@@ -18,11 +18,22 @@
  * Each way of playing is a small player object, made for a connection once
  * its first message says what the stream is: Mpeg1Player (JSMpeg's parts),
  * WebCodecsPlayer (H.264 through the browser's VideoDecoder, which exists
- * only in secure contexts: https, and http://localhost), or, where no
- * player can play the stream, Unplayable, which says why and what to do.
- * A player has write(data, received) for each binary message, configure(
- * stream) for a new stream message (H.264), partsReady() once the page's
- * canvas and renderer are there, and close().
+ * only in secure contexts: https, and http://localhost), MsePlayer (H.264
+ * through Media Source Extensions, on a <video>: plain-http pages), or,
+ * where no player can play the stream, Unplayable, which says why and what
+ * to do.  A player has write(data, received) for each binary message,
+ * configure(stream) for a new stream message (H.264), partsReady() once the
+ * page's canvas is there, describe() for the overlay, and close().
+ *
+ * The page picks its path itself, in this order: WebCodecs, MSE, MPEG-1.
+ * It asks for the H.264 stream (the stream's address as it is) unless this
+ * browser can play H.264 neither way: then it asks for MPEG-1 at once
+ * (the address with ?codec=mpeg1, which the daemon serves from an encoder
+ * it runs while someone watches it).  A browser whose decoders turn this
+ * stream's H.264 down (its profile, or repeated decoder failures) tries the
+ * next way, and after the last one it connects again for MPEG-1.
+ * window.pistream.path ('webcodecs', 'mse', 'mpeg1') and pathWhy say which
+ * and why, and so does the overlay.
  *
  * Latency is the point.  MPEG-1: JSMpeg's Player (which decodes one picture
  * per animation frame, and so lets a backlog grow) is not used.  Its
@@ -92,16 +103,29 @@
     skipped: 0, resets: 0, error: '', decodeTime: null,
     // Why there is no picture, when the page cannot play the stream.
     notice: '',
+    // The way the page plays the stream ('webcodecs', 'mse', 'mpeg1'), and
+    // why not a better one ('' for the best).
+    path: '', pathWhy: '',
+    // MSE: how far (s) the picture shown was behind the newest appended
+    // (their times in the stream) when it was shown, the playback rate that
+    // keeps it close, jumps to the newest picture, and seconds of video
+    // buffered.
+    lag: null, rate: 1, seeks: 0, buffered: null,
     // When (performance.now()) the page got this far: the first time each.
     timing: { script: performance.now() },
-    // Called right after a picture is drawn: f({received, decoded, drawn}),
-    // times from performance.now() (and for H.264, captured: the capture
-    // time in ms since the epoch, or null); bench/latency reads the picture here.
+    // Called right after a picture is shown: f({received, decoded, drawn,
+    // captured, element}), times from performance.now(); captured: for
+    // H.264 the capture time in ms since the epoch (else null); element: the
+    // canvas or <video> the picture is on (bench/latency reads it there).
+    // Through MSE, drawn is when the browser says the picture was shown
+    // (requestVideoFrameCallback) and decoded when it was appended (the
+    // browser does not say when it decodes).
     onpicture: null
   };
 
   // The page's parts, once its body and the player script have loaded:
-  // the renderer (on the canvas) and JSMpeg's compiled decoder.
+  // the renderer (on the canvas; made when first needed, see renderer())
+  // and JSMpeg's compiled decoder.
   // wasm: 'compiling', 'ready' or 'none' (no WebAssembly, or it failed).
   var parts = null;  // {renderer, wasm, wasmModule}
   var waitingForParts = [];  // players that wait for them (or the compiled decoder)
@@ -139,6 +163,7 @@
 
   function streamUrl() {
     var url = new URL(root.dataset.stream, window.location.href);
+    if (mpeg1Wanted) { url.searchParams.set('codec', 'mpeg1'); }
     url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
     url.hash = '';
     return url.href;
@@ -179,7 +204,7 @@
     // A browser found to have only software WebGL is remembered, so that
     // the next visit does not pay for finding out again.
     var software = remembered('pistream.softwareWebGL');
-    if (!software && JSMpeg.Renderer.WebGL.IsSupported()) {
+    if (!software && !canvasStill && JSMpeg.Renderer.WebGL.IsSupported()) {
       try {
         var webgl = new JSMpeg.Renderer.WebGL({ canvas: canvas });
         software = softwareRenderer(webgl.gl);
@@ -196,6 +221,27 @@
     }
     state.renderer = 'canvas2d' + (software ? ' (software WebGL: ' + software + ')' : '');
     return new JSMpeg.Renderer.Canvas2D({ canvas: canvas });
+  }
+
+  // The canvas's renderer, made when a player first draws on the canvas
+  // (a page that plays through MSE never makes one: its pictures are on
+  // the <video>).
+  function renderer() {
+    if (!parts.renderer) { parts.renderer = makeRenderer(); }
+    return parts.renderer;
+  }
+
+  // The canvas has a 2D context for a still of the <video> (snapshot()):
+  // a renderer made after it is a 2D one.
+  var canvasStill = false;
+
+  // The canvas's 2D context, for a still of the <video>: the renderer's
+  // where it draws in 2D, the canvas's own before there is a renderer;
+  // null where the renderer has WebGL.
+  function canvas2d() {
+    if (parts.renderer) { return parts.renderer.context || null; }
+    canvasStill = true;
+    return canvas.getContext('2d');
   }
 
   // The 2D canvas, with the browser turning the decoder's YCbCr planes into
@@ -274,16 +320,104 @@
     return new Uint8Array(plane.buffer, plane.byteOffset, length);
   }
 
-  // A picture is on the canvas: count it, say so, tell who listens.
-  function drawn(received, decoded, captured) {
+  // A picture is on C{element} (the canvas, or the <video>): show that
+  // element, count the picture, say so, tell who listens.
+  function drawn(received, decoded, captured, element, when) {
+    present(element);
     state.drawn += 1;
     mark('drawn');
     if (state.state !== 'playing' && state.camera !== 'unavailable' &&
         state.encoder !== 'unavailable') { show('playing'); }
     if (state.onpicture) {
-      state.onpicture({ received: received, decoded: decoded, drawn: performance.now(),
-                        captured: captured });
+      state.onpicture({ received: received, decoded: decoded,
+                        drawn: when === undefined ? performance.now() : when,
+                        captured: captured, element: element });
     }
+  }
+
+  // -- which element shows the picture: the canvas or the <video> ------
+  //
+  // Both fill the window, the canvas above the <video>.  The canvas players
+  // (MPEG-1, WebCodecs) show the canvas, and the <video> is hidden and let
+  // go of.  The MSE player shows the <video>; while it starts afresh (a new
+  // MediaSource), a still of its last picture on the canvas covers it until
+  // the first new picture is shown (the <video> stays laid out meanwhile: a
+  // hidden one would show no picture to say so).
+
+  var video = null;  // the <video> for MSE, made when first needed
+
+  function present(element) {
+    if (!canvas) { return; }
+    if (element === canvas) {
+      canvas.hidden = false;
+      if (video && !video.hidden) {
+        video.hidden = true;
+        releaseVideo();
+      }
+    } else {
+      element.hidden = false;
+      canvas.hidden = true;
+    }
+  }
+
+  // The <video>, muted and inline so that it may play by itself (autoplay;
+  // iPhones play inline only with playsinline), placed under the canvas
+  // once the page's body is there.
+  function mseVideo() {
+    if (!video) {
+      video = document.createElement('video');
+      video.id = 'live';
+      video.muted = video.defaultMuted = true;
+      video.playsInline = video.autoplay = true;
+      video.setAttribute('muted', '');
+      video.setAttribute('playsinline', '');
+      video.setAttribute('aria-label', 'live camera picture');
+      video.hidden = true;
+      video.addEventListener('error', function () {
+        var player = connection && connection.player;
+        if (player && player.videoFailed && video.error) { player.videoFailed(video.error); }
+      });
+      // A page whose Content-Security-Policy allows no blob: media cannot
+      // attach a MediaSource: not a failure to try again.
+      document.addEventListener('securitypolicyviolation', function (ev) {
+        var player = connection && connection.player;
+        if (ev.effectiveDirective === 'media-src' && player && player.videoFailed) {
+          connection.fallBack(player, 'the page\'s policy allows no media from blob: ' +
+                              '(Content-Security-Policy media-src)');
+        }
+      });
+      placeVideo();
+    }
+    return video;
+  }
+
+  function placeVideo() {
+    if (video && canvas && !video.parentNode) {
+      canvas.parentNode.insertBefore(video, canvas);
+    }
+  }
+
+  function releaseVideo() {
+    if (video.getAttribute('src') !== null || video.srcObject) {
+      video.srcObject = null;
+      video.removeAttribute('src');
+      video.load();
+    }
+  }
+
+  // A still of the picture on the <video>, on the canvas above it (where
+  // the canvas can have one: not where its renderer has WebGL).
+  function snapshot() {
+    if (!video || video.hidden || !canvas || !canvas.hidden || video.readyState < 2 ||
+        !video.videoWidth) { return; }
+    var context = canvas2d();
+    if (!context) { return; }
+    try {
+      canvas.width = video.videoWidth;
+      canvas.height = video.videoHeight;
+      context.drawImage(video, 0, 0, canvas.width, canvas.height);
+      canvas.hidden = false;
+    } catch (e) { /* no still, then */ }
   }
 
   // -- MPEG-1: JSMpeg's demuxer and decoder ------------------------------
@@ -297,7 +431,7 @@
   // at the next animation frame.  (The decoder double-buffers, so the
   // newest picture's planes stay intact until two more are decoded.)
   var destination = {
-    resize: function (width, height) { parts.renderer.resize(width, height); },
+    resize: function (width, height) { renderer().resize(width, height); },
     render: function (y, cr, cb, clamped) {
       if (pending) { state.overtaken += 1; }
       pending = { y: y, cr: cr, cb: cb, clamped: clamped,
@@ -314,8 +448,8 @@
     var picture = pending;
     pending = null;
     if (!picture) { return; }
-    parts.renderer.render(picture.y, picture.cr, picture.cb, picture.clamped);
-    drawn(picture.received, picture.decoded, null);
+    renderer().render(picture.y, picture.cr, picture.cb, picture.clamped);
+    drawn(picture.received, picture.decoded, null, canvas);
   }
 
   // The MPEG-1 stream of C{connection}, C{width} x C{height} (its header).
@@ -327,6 +461,7 @@
     this.video = null;
     this.demuxer = null;
     state.codec = 'mpeg1';
+    if (!mpeg1Wanted) { setPath('mpeg1', 'the camera streams MPEG-1'); }
     state.stream = null;
     state.profile = state.level = '';
     state.keyframeInterval = state.decodeTime = null;
@@ -491,33 +626,72 @@
   };
 
   Mpeg1Player.prototype.describe = function () {
-    return ['MPEG-1', 'JSMpeg (' + (state.decoder === 'wasm' ? 'WebAssembly' : 'JavaScript') + ')'];
+    return [pathLine('MPEG-1'),
+            'JSMpeg (' + (state.decoder === 'wasm' ? 'WebAssembly' : 'JavaScript') + ')'];
   };
 
   // -- H.264 -------------------------------------------------------------
 
   // The players that can play H.264, best first; the first that this
-  // browser and page can use plays the stream.
+  // browser and page can use plays the stream.  Each has usable() (whether
+  // this browser and page have what it needs) and whyNot() (what they lack).
   var H264_PLAYERS = [];
 
-  // Why none of them can, and what to do.
-  function whyNoH264() {
-    if (!window.isSecureContext) {
-      return 'No picture: this camera sends H.264, which a browser decodes only on a ' +
-        'secure page (https://, or http://localhost on the camera itself), and this page ' +
-        'came over plain http. Open it over https, or start pistream with --codec mpeg1 ' +
-        'to watch it here.';
-    }
-    return 'No picture: this camera sends H.264, and this browser has no WebCodecs ' +
-      'decoder for it. Open the page in a current browser, or start pistream with ' +
-      '--codec mpeg1.';
+  // Whether the page asks for MPEG-1 (the stream's address with
+  // ?codec=mpeg1): this browser cannot play the camera's H.264.  It holds
+  // for the page's life.
+  var mpeg1Wanted = false;
+
+  function setPath(path, why) {
+    state.path = path;
+    state.pathWhy = why || '';
   }
 
-  function h264Player(connection, stream) {
+  // The overlay's line for the path: its name, and why not a better one.
+  function pathLine(name) {
+    return name + (state.pathWhy ? ': ' + state.pathWhy : '');
+  }
+
+  // No H.264 player is usable here at all: MPEG-1 from the start (the page
+  // does not ask for H.264 only to be told what it cannot play).
+  function choosePath() {
     for (var i = 0; i < H264_PLAYERS.length; i++) {
-      if (H264_PLAYERS[i].usable()) { return new H264_PLAYERS[i](connection, stream); }
+      if (H264_PLAYERS[i].usable()) { return; }
     }
-    return new Unplayable(connection, stream, whyNoH264());
+    mpeg1Wanted = true;
+    setPath('mpeg1', window.isSecureContext
+      ? 'this browser has neither WebCodecs nor Media Source Extensions'
+      : 'this browser has no Media Source Extensions');
+  }
+
+  // The page asked for MPEG-1 and the camera sent H.264 all the same (a
+  // daemon that makes no MPEG-1 for such viewers): no picture, and why.
+  function whyNoH264() {
+    return 'No picture: this camera sends H.264, which this browser cannot play here (' +
+      state.pathWhy + '), and no MPEG-1 in its place. Open the page over https (or ' +
+      'at http://localhost on the camera itself) or in a current browser, or start ' +
+      'pistream with --codec mpeg1.';
+  }
+
+  // The player for C{stream}: the first usable one after C{after} (a player
+  // class, or none: from the first).  C{why}: why the ones before it do not
+  // play the stream (by default, what they lack).  None left: the page asks
+  // for MPEG-1 instead.
+  function h264Player(connection, stream, after, why) {
+    var i = after ? H264_PLAYERS.indexOf(after) + 1 : 0;
+    for (; i < H264_PLAYERS.length; i++) {
+      var Player = H264_PLAYERS[i];
+      if (!Player.usable()) { continue; }
+      // (A player that knows at once that it cannot play this stream says why.)
+      var refusal = Player.refuses ? Player.refuses(stream) : '';
+      if (refusal) {
+        why = refusal;
+        continue;
+      }
+      if (!why) { why = i > 0 ? H264_PLAYERS[i - 1].whyNot() : ''; }
+      return new Player(connection, stream, why);
+    }
+    return connection.toMpeg1(stream, why || H264_PLAYERS[H264_PLAYERS.length - 1].whyNot());
   }
 
   // The stream message's settings, for the page's state and overlay.
@@ -546,7 +720,7 @@
   // whose successor is already in the decoder and due within milliseconds
   // (a newcomer's start, a burst after a stall) is not drawn: it would be
   // overtaken before the browser paints.  The first of a start always is.
-  function WebCodecsPlayer(connection, stream) {
+  function WebCodecsPlayer(connection, stream, why) {
     this.connection = connection;
     this.closed = false;
     this.decoder = null;
@@ -565,12 +739,17 @@
     this.lastOutput = 0;      // when the decoder last gave a picture back
     this.failures = 0;        // decoder errors since it last gave a picture back
     state.decoder = 'WebCodecs';
+    setPath('webcodecs', why);
     this.configure(stream);
   }
 
   WebCodecsPlayer.usable = function () {
     return !!(window.isSecureContext && window.VideoDecoder && window.EncodedVideoChunk &&
               window.VideoFrame);
+  };
+
+  WebCodecsPlayer.whyNot = function () {
+    return window.isSecureContext ? 'this browser has no WebCodecs' : 'not a secure context';
   };
 
   H264_PLAYERS.push(WebCodecsPlayer);
@@ -610,17 +789,20 @@
     });
   };
 
-  // The browser cannot decode this stream: say so, and let it go.
+  // The browser cannot decode this stream: the next way of playing it.
   WebCodecsPlayer.prototype.refuse = function (stream, error) {
     this.configured = false;
     this.dropDecoder();
     state.error = error;
-    explain('No picture: this browser cannot decode this camera\'s H.264 (' +
-            (stream.profile || 'unknown profile') + ', level ' + (stream.level || '?') +
-            ', ' + stream.codecs + '). Start pistream with --codec mpeg1, or try another ' +
-            'browser.');
-    this.connection.close('unplayable');
+    this.connection.fallBack(this, 'WebCodecs cannot decode ' + describeStream(stream) +
+                             (error ? ': ' + error : ''));
   };
+
+  // C{stream}'s H.264, in a few words: "Constrained Baseline, level 3.1, avc1.42c01f".
+  function describeStream(stream) {
+    return (stream.profile || 'unknown profile') + ', level ' + (stream.level || '?') +
+      ', ' + stream.codecs;
+  }
 
   // Start decoding afresh at the next keyframe: what is in the decoder goes.
   // (C{skipping}: the pictures until then are counted as skipped.)
@@ -789,13 +971,13 @@
 
   WebCodecsPlayer.prototype.draw = function (frame, received, decoded, captured) {
     try {
-      parts.renderer.drawFrame(frame);
+      renderer().drawFrame(frame);
       state.width = frame.displayWidth;
       state.height = frame.displayHeight;
     } finally {
       frame.close();
     }
-    drawn(received, decoded, captured);
+    drawn(received, decoded, captured, canvas);
   };
 
   WebCodecsPlayer.prototype.partsReady = function () {
@@ -818,7 +1000,7 @@
   };
 
   WebCodecsPlayer.prototype.describe = function () {
-    return h264Lines().concat(['WebCodecs']);
+    return h264Lines().concat([pathLine('WebCodecs')]);
   };
 
   function h264Lines() {
@@ -828,6 +1010,607 @@
         (state.keyframeInterval ? state.keyframeInterval.toFixed(1) + ' s' : '?')
     ];
   }
+
+  // -- H.264 through Media Source Extensions -------------------------------
+  //
+  // Where there is no WebCodecs (a page that is not a secure context: a
+  // camera opened as http://raspberrypi.local:8082/), the browser's media
+  // pipeline plays the stream on a <video>.  Each access unit becomes one
+  // fragment of fragmented MP4 (a moof and an mdat holding one sample, its
+  // NAL units length-prefixed), appended to a SourceBuffer the moment it
+  // arrives, none held back waiting for the next; before the first, an
+  // initialisation segment (ftyp, moov: an avc1 sample entry with the
+  // stream message's avcC record) with no duration, which Chromium takes
+  // for a live stream and plays with one picture of buffering.
+  //
+  // The MP4 is made here in the page, not in the daemon: the daemon keeps
+  // one stream format for every viewer (WebCodecs decodes the Annex B as it
+  // comes, and other programs read it), and making a fragment costs the
+  // page next to nothing: 11 to 20 microseconds a picture (measured with
+  // this code in V8, Chromium's engine, on an x86 machine, for libx264
+  // pictures of 3.4 and 6.8 kB; a phone's core is a few times slower), a
+  // thousandth of a frame interval.  Made in the daemon, the fragments
+  // would be a second stream to keep and fan out, or 108 bytes more a
+  // picture (26 kbit/s at 30 fps) for every viewer: that is what each
+  // fragment's boxes take.  (A length prefix takes the place of each start
+  // code.)
+  //
+  // Timestamps: the first picture after a (re)start is at 0, and each next
+  // one later by its capture interval, but by no more than the previous
+  // picture's duration (the frame interval, the median of the last few
+  // capture intervals): the timeline has no gaps.  A gap (a lost picture,
+  // the daemon skipping a slow viewer ahead) would otherwise be played out
+  // as a still, or, past two frame intervals, make the browser drop every
+  // picture up to the next keyframe.  What a picture's time was is kept, to
+  // say which picture is shown (its capture time, for bench/latency).
+  //
+  // Keeping to the live edge: a <video> plays its buffer at its own pace,
+  // and a buffer that grew (a stall, a burst, a busy machine) would stay
+  // grown.  After each append, the page looks at how far what is shown
+  // lags behind the end of the buffer: more than MSE_FAR, or in an older
+  // buffered range, or (right after a start) more than MSE_NEAR frames,
+  // and it jumps to the newest picture; more than MSE_NEAR frames, and it
+  // plays at MSE_FAST until the lag is under one and a half frames.  What
+  // was played goes from the buffer once more than MSE_KEEP seconds of it
+  // are there (up to the keyframe the picture shown depends on), so memory
+  // stays bounded however long the page runs.
+  //
+  // On a new stream message, or a failure (the <video>'s error, the
+  // SourceBuffer's), a fresh MediaSource, from the next keyframe; the last
+  // picture stays on the canvas above the <video> until the new one shows.
+  // ManagedMediaSource (Safari on iOS 17.1 and later, which has no other;
+  // also Safari on macOS) is used where the browser offers it: it may ask
+  // the page to stop appending for a while (endstreaming) to save power,
+  // and the page then keeps only the pictures from the newest keyframe, to
+  // append when it asks again (startstreaming); remote playback (AirPlay)
+  // is turned off, as it requires.
+  var MSE_TIMESCALE = 90000;  // ticks a second, the MP4 track's
+  var MSE_FAR = 0.5;          // s behind the newest picture: jump to it
+  var MSE_NEAR = 2.5;         // frames behind: play faster (or, starting, jump)
+  var MSE_FAST = 1.1;         // the rate that catches up
+  var MSE_KEEP = 3;           // s of played video kept in the buffer
+  var MSE_PENDING = 300;      // fragments waiting to be appended, at most
+  var MSE_INTERVALS = 9;      // capture intervals the frame interval is the median of
+
+  // Fragmented MP4 (ISO/IEC 14496-12, and 14496-15 for avc1/avcC), just
+  // what Media Source Extensions need.
+  var Fmp4 = (function () {
+    function u16(n) { return [(n >>> 8) & 255, n & 255]; }
+    function u32(n) { return [(n >>> 24) & 255, (n >>> 16) & 255, (n >>> 8) & 255, n & 255]; }
+    function zeros(n) { var a = []; for (var i = 0; i < n; i++) { a.push(0); } return a; }
+    function chars(text) {
+      var a = [];
+      for (var i = 0; i < text.length; i++) { a.push(text.charCodeAt(i)); }
+      return a;
+    }
+    function concat(pieces) {
+      var size = 0, i;
+      for (i = 0; i < pieces.length; i++) { size += pieces[i].length; }
+      var out = new Uint8Array(size), at = 0;
+      for (i = 0; i < pieces.length; i++) { out.set(pieces[i], at); at += pieces[i].length; }
+      return out;
+    }
+    // A box: its size, its type, then its contents (arrays of bytes, or boxes).
+    function box(type) {
+      var contents = Array.prototype.slice.call(arguments, 1), size = 8;
+      for (var i = 0; i < contents.length; i++) { size += contents[i].length; }
+      return concat([u32(size), chars(type)].concat(contents));
+    }
+    var FULL = u32(0);  // a full box's version 0 and flags 0
+    var MATRIX = [].concat(u32(0x10000), u32(0), u32(0), u32(0), u32(0x10000), u32(0),
+                           u32(0), u32(0), u32(0x40000000));
+
+    // The initialisation segment: one video track, no duration (a live
+    // stream), fragments to follow (mvex).
+    function init(width, height, avcc) {
+      var sampleEntry = box('avc1', zeros(6), u16(1), zeros(16), u16(width), u16(height),
+                            u32(0x480000), u32(0x480000), u32(0), u16(1), zeros(32),
+                            u16(0x18), u16(0xffff), box('avcC', avcc));
+      return concat([
+        box('ftyp', chars('isom'), u32(0x200), chars('isomiso6avc1mp41')),
+        box('moov',
+          box('mvhd', FULL, u32(0), u32(0), u32(1000), u32(0), u32(0x10000), u16(0x100),
+              zeros(10), MATRIX, zeros(24), u32(2)),
+          box('trak',
+            box('tkhd', u32(3), u32(0), u32(0), u32(1), u32(0), u32(0), zeros(8), u16(0),
+                u16(0), u16(0), u16(0), MATRIX, u32(width * 65536), u32(height * 65536)),
+            box('mdia',
+              box('mdhd', FULL, u32(0), u32(0), u32(MSE_TIMESCALE), u32(0), u16(0x55c4), u16(0)),
+              box('hdlr', FULL, u32(0), chars('vide'), zeros(12), chars('pistream\u0000')),
+              box('minf',
+                box('vmhd', u32(1), zeros(8)),
+                box('dinf', box('dref', FULL, u32(1), box('url ', u32(1)))),
+                box('stbl',
+                  box('stsd', FULL, u32(1), sampleEntry),
+                  box('stts', FULL, u32(0)),
+                  box('stsc', FULL, u32(0)),
+                  box('stsz', FULL, u32(0), u32(0)),
+                  box('stco', FULL, u32(0)))))),
+          box('mvex', box('trex', FULL, u32(1), u32(1), u32(0), u32(0), u32(0))))
+      ]);
+    }
+
+    // A fragment's boxes, all but the fields that change: moof (mfhd; traf:
+    // tfhd with the moof as the data's base, tfdt version 1, trun with one
+    // sample's duration, size and flags, its data right after the moof),
+    // then the mdat's header.
+    var HEADER = concat([
+      u32(100), chars('moof'),
+      u32(16), chars('mfhd'), FULL, u32(0),
+      u32(76), chars('traf'),
+      u32(16), chars('tfhd'), u32(0x020000), u32(1),
+      u32(20), chars('tfdt'), u32(0x01000000), u32(0), u32(0),
+      u32(32), chars('trun'), u32(0x000701), u32(1), u32(108), u32(0), u32(0), u32(0),
+      u32(0), chars('mdat')
+    ]);
+    var KEY = 0x02000000;    // depends on no other sample
+    var DELTA = 0x01010000;  // depends on others; not a sync sample
+
+    // One sample: the NAL units C{nals} ([start, end, ...] in C{data}) at
+    // C{time} (ticks), lasting C{duration}.
+    function fragment(sequence, time, duration, key, data, nals) {
+      var payload = 0, i;
+      for (i = 0; i < nals.length; i += 2) { payload += 4 + nals[i + 1] - nals[i]; }
+      var out = new Uint8Array(HEADER.length + payload);
+      out.set(HEADER);
+      var view = new DataView(out.buffer);
+      view.setUint32(20, sequence);
+      var high = Math.floor(time / 4294967296);
+      view.setUint32(60, high);
+      view.setUint32(64, time - high * 4294967296);
+      view.setUint32(88, duration);
+      view.setUint32(92, payload);
+      view.setUint32(96, key ? KEY : DELTA);
+      view.setUint32(100, 8 + payload);
+      var at = HEADER.length;
+      for (i = 0; i < nals.length; i += 2) {
+        view.setUint32(at, nals[i + 1] - nals[i]);
+        out.set(data.subarray(nals[i], nals[i + 1]), at + 4);
+        at += 4 + nals[i + 1] - nals[i];
+      }
+      return out;
+    }
+
+    return { init: init, fragment: fragment, concat: concat };
+  }());
+
+  // The NAL units of an Annex B access unit, as [start, end, ...] (start
+  // codes and trailing zeros left out), without the parameter sets and
+  // access unit delimiters: an avc1 track has its SPS and PPS in the
+  // initialisation segment.
+  function nalRanges(data) {
+    var ranges = [], n = data.length, i = 0, start = -1;
+    function close(end) {
+      while (end > start && data[end - 1] === 0) { end--; }
+      var type = data[start] & 0x1f;
+      if (end > start && type !== 7 && type !== 8 && type !== 9) { ranges.push(start, end); }
+    }
+    while (i + 2 < n) {
+      if (data[i + 2] > 1) {  // no start code begins at i, i + 1 or i + 2
+        i += 3;
+      } else if (data[i] === 0 && data[i + 1] === 0 && data[i + 2] === 1) {
+        if (start >= 0) { close(i); }
+        start = i += 3;
+      } else {
+        i += 1;
+      }
+    }
+    if (start >= 0 && start < n) { close(n); }
+    return ranges;
+  }
+
+  function base64Bytes(text) {
+    try {
+      if (Uint8Array.fromBase64) { return Uint8Array.fromBase64(String(text)); }
+      var binary = atob(String(text)), out = new Uint8Array(binary.length);
+      for (var i = 0; i < binary.length; i++) { out[i] = binary.charCodeAt(i); }
+      return out;
+    } catch (e) {
+      return null;
+    }
+  }
+
+  // The MediaSource this browser offers: ManagedMediaSource where there is
+  // one (Safari; on an iPhone the only one), else MediaSource.
+  function mediaSource() {
+    if (window.ManagedMediaSource) {
+      return { kind: 'ManagedMediaSource', Source: window.ManagedMediaSource, managed: true };
+    }
+    if (window.MediaSource) { return { kind: 'MSE', Source: window.MediaSource, managed: false }; }
+    return null;
+  }
+
+  function MsePlayer(connection, stream, why) {
+    var source = mediaSource();
+    this.connection = connection;
+    this.Source = source.Source;
+    this.kind = source.kind;
+    this.managed = source.managed;
+    this.closed = false;
+    this.stream = null;
+    this.media = null;          // the MediaSource of now
+    this.buffer = null;         // its SourceBuffer, once it is open
+    this.url = '';
+    this.initSegment = null;
+    this.initPending = false;   // the initialisation segment is still to be appended
+    this.pending = [];          // fragments to append: {data, time, key, captured, received}
+    this.pictures = [];         // appended, not yet shown: {time, captured, received, appended}
+    this.keys = [];             // times (s) of the keyframes in the buffer
+    this.newest = 0;            // time (s) of the newest picture appended
+    this.last = null;           // the previous picture's {captured, received, time, duration}
+    this.intervals = [];        // the last capture intervals (ticks)
+    this.frameTicks = MSE_TIMESCALE / 30;
+    this.sequence = 0;
+    this.waitingForKey = true;
+    this.skipping = false;      // the pictures until the next keyframe count as skipped
+    this.starting = true;       // nothing shown since the (re)start: jump to the newest
+    this.appended = false;      // an append is under way
+    this.streamingPaused = false;  // ManagedMediaSource asked for no more, for now
+    this.lastKey = null;
+    this.failures = 0;
+    this.frameHandle = 0;
+    state.decoder = this.kind;
+    setPath('mse', why);
+    mseVideo().playbackRate = 1;
+    state.rate = 1;
+    this.configure(stream);
+    this.watch();
+  }
+
+  MsePlayer.usable = function () {
+    var source = mediaSource();
+    return !!(source && typeof source.Source.isTypeSupported === 'function');
+  };
+
+  MsePlayer.whyNot = function () { return 'this browser has no Media Source Extensions'; };
+
+  MsePlayer.type = function (stream) { return 'video/mp4; codecs="' + stream.codecs + '"'; };
+
+  // Why this browser's MSE cannot play C{stream} ('' if it can).
+  MsePlayer.refuses = function (stream) {
+    var source = mediaSource(), supported = false;
+    try { supported = source.Source.isTypeSupported(MsePlayer.type(stream)); } catch (e) { /* no */ }
+    if (!supported) {
+      return source.kind + ' cannot play ' + describeStream(stream);
+    }
+    var avcc = base64Bytes(stream.avcc);
+    if (!avcc || avcc.length < 7 || !(stream.width > 0 && stream.height > 0)) {
+      return 'the stream message has no usable avcC record and size';
+    }
+    return '';
+  };
+
+  H264_PLAYERS.push(MsePlayer);
+
+  MsePlayer.prototype.configure = function (stream) {
+    var again = this.stream !== null;
+    var refusal = MsePlayer.refuses(stream);
+    this.stream = stream;
+    takeStream(stream);
+    state.keyframeInterval = null;
+    this.lastKey = null;
+    if (refusal) {
+      this.connection.fallBack(this, refusal);
+      return;
+    }
+    this.type = MsePlayer.type(stream);
+    this.initSegment = Fmp4.init(stream.width, stream.height, base64Bytes(stream.avcc));
+    this.restart();
+    if (again) { show('stream changed: waiting for a keyframe'); }
+  };
+
+  // A fresh MediaSource on the <video>, to be fed from the next keyframe.
+  MsePlayer.prototype.restart = function () {
+    var self = this, element = mseVideo();
+    this.buffer = null;
+    snapshot();
+    element.hidden = false;
+    this.waitingForKey = true;
+    this.starting = true;
+    this.initPending = true;
+    this.pending = [];
+    this.pictures = [];
+    this.keys = [];
+    this.last = null;
+    this.intervals = [];
+    this.sequence = 0;
+    this.newest = 0;
+    this.appended = false;
+    this.streamingPaused = false;
+    state.lag = state.buffered = null;
+    this.setRate(1);
+    var media = this.media = new this.Source();
+    media.addEventListener('sourceopen', function () {
+      if (media === self.media && !self.closed) { self.opened(); }
+    });
+    if (this.managed) {
+      element.disableRemotePlayback = true;
+      media.addEventListener('startstreaming', function () {
+        if (media !== self.media || self.closed) { return; }
+        self.streamingPaused = false;
+        self.pump();
+      });
+      media.addEventListener('endstreaming', function () {
+        if (media === self.media) { self.streamingPaused = true; }
+      });
+    }
+    if (this.url) { URL.revokeObjectURL(this.url); }
+    this.url = URL.createObjectURL(media);
+    element.src = this.url;
+    this.play();
+  };
+
+  MsePlayer.prototype.opened = function () {
+    var self = this, buffer;
+    URL.revokeObjectURL(this.url);
+    this.url = '';
+    mark('sourceopen');
+    try {
+      buffer = this.media.addSourceBuffer(this.type);
+      if (buffer.mode !== 'segments') { buffer.mode = 'segments'; }
+    } catch (e) {
+      this.failed(e);
+      return;
+    }
+    buffer.addEventListener('updateend', function () {
+      if (buffer === self.buffer) { self.updated(); }
+    });
+    buffer.addEventListener('error', function () {
+      if (buffer === self.buffer) { self.failed('the SourceBuffer failed'); }
+    });
+    this.buffer = buffer;
+    this.pump();
+  };
+
+  MsePlayer.prototype.write = function (data, received) {
+    if (this.closed || data.byteLength < 10) { return; }
+    var view = new DataView(data);
+    var chunk = {
+      key: (view.getUint8(0) & 1) === 1, captured: captureTime(view), received: received,
+      data: new Uint8Array(data, 9)
+    };
+    if (chunk.key) { this.sawKey(chunk); }
+    this.take(chunk);
+  };
+
+  MsePlayer.prototype.sawKey = WebCodecsPlayer.prototype.sawKey;
+
+  // One access unit ({key, captured (us), received, data}), made a fragment
+  // at once and appended as soon as the SourceBuffer can take it.
+  MsePlayer.prototype.take = function (chunk) {
+    if (this.closed || !this.media) { return; }
+    if (this.waitingForKey) {
+      if (!chunk.key) {
+        if (this.skipping) { state.skipped += 1; }
+        return;
+      }
+      this.waitingForKey = false;
+      this.skipping = false;
+    }
+    if (chunk.key && this.streamingPaused && this.pending.length) {
+      // (ManagedMediaSource wants nothing for now: only the newest group is kept.)
+      state.skipped += this.pending.length;
+      this.pending = [];
+    }
+    if (this.pending.length >= MSE_PENDING) {  // the SourceBuffer takes nothing: let it be
+      state.skipped += this.pending.length + 1;
+      this.pending = [];
+      this.waitingForKey = this.skipping = true;
+      return;
+    }
+    var nals = nalRanges(chunk.data);
+    if (!nals.length) { return; }
+    var time = this.stamp(chunk);
+    this.pending.push({
+      data: Fmp4.fragment(++this.sequence, time, this.last.duration, chunk.key, chunk.data, nals),
+      time: time / MSE_TIMESCALE, key: chunk.key, captured: chunk.captured,
+      received: chunk.received
+    });
+    this.pump();
+  };
+
+  // The time (ticks) of the next picture, and its duration (see above).
+  MsePlayer.prototype.stamp = function (chunk) {
+    var last = this.last, time = 0;
+    if (last) {
+      var interval = Math.round(chunk.captured && last.captured
+        ? (chunk.captured - last.captured) * MSE_TIMESCALE / 1e6
+        : (chunk.received - last.received) * MSE_TIMESCALE / 1e3);
+      if (interval > 0 && interval < MSE_TIMESCALE) {
+        this.intervals.push(interval);
+        if (this.intervals.length > MSE_INTERVALS) { this.intervals.shift(); }
+        var sorted = this.intervals.slice().sort(function (a, b) { return a - b; });
+        this.frameTicks = Math.max(MSE_TIMESCALE / 240, sorted[sorted.length >> 1]);
+      }
+      time = last.time + Math.max(1, Math.min(interval, last.duration));
+    }
+    this.last = { captured: chunk.captured, received: chunk.received, time: time,
+                  duration: Math.round(this.frameTicks) };
+    return time;
+  };
+
+  // Append what waits, all in one go; with nothing to append, let go of
+  // what was played.
+  MsePlayer.prototype.pump = function () {
+    var buffer = this.buffer;
+    if (!buffer || buffer.updating || this.media.readyState !== 'open') { return; }
+    if (this.streamingPaused || (!this.pending.length && !this.initPending)) {
+      this.trim();
+      return;
+    }
+    var pieces = [], now = performance.now();
+    if (this.initPending) {
+      pieces.push(this.initSegment);
+      this.initPending = false;
+    }
+    for (var i = 0; i < this.pending.length; i++) {
+      var fragment = this.pending[i];
+      pieces.push(fragment.data);
+      this.pictures.push({ time: fragment.time, captured: fragment.captured,
+                           received: fragment.received, appended: now });
+      if (fragment.key) { this.keys.push(fragment.time); }
+      this.newest = fragment.time;
+    }
+    this.pending = [];
+    try {
+      buffer.appendBuffer(pieces.length === 1 ? pieces[0] : Fmp4.concat(pieces));
+      this.appended = true;
+    } catch (e) {
+      this.failed(e);
+    }
+  };
+
+  MsePlayer.prototype.updated = function () {
+    if (this.appended) {
+      this.appended = false;
+      this.chase();
+    }
+    this.pump();
+  };
+
+  // Keep to the live edge (see above).
+  MsePlayer.prototype.chase = function () {
+    var ranges;
+    try { ranges = this.buffer.buffered; } catch (e) { return; }
+    if (!ranges.length) { return; }
+    var last = ranges.length - 1, start = ranges.start(last), end = ranges.end(last);
+    var now = video.currentTime, lag = end - now;
+    var frame = (this.last ? this.last.duration : this.frameTicks) / MSE_TIMESCALE;
+    state.buffered = end - ranges.start(0);
+    if (video.seeking) { return; }
+    if (now < start - 0.001 || lag > MSE_FAR || (this.starting && lag > MSE_NEAR * frame)) {
+      video.currentTime = Math.min(end, Math.max(start, this.newest) + 0.0001);
+      state.seeks += 1;
+      this.setRate(1);
+    } else if (lag > MSE_NEAR * frame) {
+      this.setRate(MSE_FAST);
+    } else if (lag < 1.5 * frame) {
+      this.setRate(1);
+    }
+    this.starting = false;
+    if (video.paused) { this.play(); }
+  };
+
+  MsePlayer.prototype.setRate = function (rate) {
+    if (video.playbackRate !== rate) { video.playbackRate = rate; }
+    state.rate = rate;
+  };
+
+  MsePlayer.prototype.play = function () {
+    var playing = video.play();
+    if (playing && playing.catch) { playing.catch(function () { /* tried again at the next append */ }); }
+  };
+
+  // What was played goes, once there is more than MSE_KEEP s of it: up to
+  // the keyframe the picture shown depends on (the rest of its group must
+  // stay: a picture removed takes every picture that depends on it along).
+  MsePlayer.prototype.trim = function () {
+    var ranges;
+    try { ranges = this.buffer.buffered; } catch (e) { return; }
+    if (!ranges.length) { return; }
+    var now = video.currentTime, first = ranges.start(0), keys = this.keys, i = 0;
+    if (now - first < MSE_KEEP || !keys.length || keys[0] > now) { return; }
+    while (i + 1 < keys.length && keys[i + 1] <= now) { i++; }
+    var key = keys[i];
+    keys.splice(0, i);
+    if (key > first + 0.001) {
+      try { this.buffer.remove(0, key); } catch (e) { /* at the next append, then */ }
+    }
+  };
+
+  // Each picture the <video> shows: requestVideoFrameCallback where the
+  // browser has it, else a look at each animation frame.
+  MsePlayer.prototype.watch = function () {
+    var self = this, element = mseVideo();
+    if (element.requestVideoFrameCallback) {
+      var next = function (now, metadata) {
+        if (self.closed) { return; }
+        self.frameHandle = element.requestVideoFrameCallback(next);
+        self.shown(metadata.mediaTime,
+                   metadata.presentationTime > 0 ? metadata.presentationTime : performance.now());
+      };
+      this.frameHandle = element.requestVideoFrameCallback(next);
+      return;
+    }
+    var seen = -1;
+    var look = function () {
+      if (self.closed) { return; }
+      self.frameHandle = requestAnimationFrame(look);
+      if (element.readyState >= 2 && element.currentTime !== seen) {
+        seen = element.currentTime;
+        self.shown(seen, performance.now());
+      }
+    };
+    this.frameHandle = requestAnimationFrame(look);
+  };
+
+  // The picture at C{mediaTime} is shown (at C{when}).
+  MsePlayer.prototype.shown = function (mediaTime, when) {
+    var pictures = this.pictures, entry = null;
+    while (pictures.length && pictures[0].time <= mediaTime + 0.0005) { entry = pictures.shift(); }
+    state.lag = Math.max(0, this.newest - mediaTime);
+    this.failures = 0;
+    mark('decoded');
+    state.frames += 1;
+    meter.picture(performance.now());
+    state.width = video.videoWidth || state.width;
+    state.height = video.videoHeight || state.height;
+    drawn(entry ? entry.received : when, entry ? entry.appended : when,
+          entry && entry.captured ? entry.captured / 1000 : null, video, when);
+  };
+
+  MsePlayer.prototype.videoFailed = function (error) {
+    this.failed('the video failed: ' + (error.message || 'error ' + error.code));
+  };
+
+  // A failure (a damaged picture, say): a fresh MediaSource, from the next
+  // keyframe.  (Failing again and again with no picture shown in between,
+  // MSE cannot play this stream after all.)
+  MsePlayer.prototype.failed = function (error) {
+    if (this.closed) { return; }
+    state.resets += 1;
+    state.error = String(error && error.message || error);
+    if (++this.failures > MAX_FAILURES) {
+      this.connection.fallBack(this, this.kind + ' failed: ' + state.error);
+      return;
+    }
+    this.restart();
+    show('picture damaged: waiting for a keyframe');
+  };
+
+  // The tab shows again: to the live edge, and playing (a browser may
+  // pause a <video> in a hidden tab).
+  MsePlayer.prototype.visible = function () {
+    if (this.buffer && !this.buffer.updating) { this.chase(); }
+    if (video.paused) { this.play(); }
+  };
+
+  MsePlayer.prototype.partsReady = function () {};
+
+  // (The MediaSource stays on the <video>, and its last picture with it,
+  // until the next player starts or the canvas is shown.)
+  MsePlayer.prototype.close = function () {
+    this.closed = true;
+    this.buffer = null;
+    this.pending = [];
+    if (this.frameHandle) {
+      if (video.cancelVideoFrameCallback) {
+        video.cancelVideoFrameCallback(this.frameHandle);
+      } else {
+        cancelAnimationFrame(this.frameHandle);
+      }
+      this.frameHandle = 0;
+    }
+  };
+
+  MsePlayer.prototype.describe = function () {
+    var lines = h264Lines().concat([pathLine(this.kind)]);
+    if (state.lag !== null) {
+      lines.push('lag ' + Math.round(state.lag * 1000) + ' ms' +
+                 (state.rate !== 1 ? ', catching up (\u00d7' + state.rate + ')' : ''));
+    }
+    return lines;
+  };
 
   // A stream no player here can play: the page says why, and what to do,
   // and lets the stream go (it looks again now and then: the camera may
@@ -905,7 +1688,34 @@
       return;
     }
     if (this.player) { this.player.close(); }
+    if (mpeg1Wanted) {  // asked for MPEG-1, and H.264 came all the same
+      this.player = new Unplayable(this, stream, whyNoH264());
+      return;
+    }
     this.player = h264Player(this, stream);
+  };
+
+  // C{player} cannot play the stream after all (C{why}): the next way of
+  // playing it takes over, with what C{player} held from the last keyframe.
+  Connection.prototype.fallBack = function (player, why) {
+    if (this.player !== player || this.closed || this.intent) { return; }
+    var held = player.held || [];
+    player.close();
+    this.player = h264Player(this, player.stream, player.constructor, why);
+    for (var i = 0; this.player && this.player.take && i < held.length; i++) {
+      this.player.take(held[i]);
+    }
+  };
+
+  // No way of playing this H.264 here (C{why}): connect again for MPEG-1.
+  Connection.prototype.toMpeg1 = function (stream, why) {
+    takeStream(stream);
+    mpeg1Wanted = true;
+    setPath('mpeg1', why);
+    state.decoder = '';
+    show('connecting for MPEG-1');
+    this.close('mpeg1');
+    return null;
   };
 
   Connection.prototype.onText = function (text) {
@@ -937,8 +1747,8 @@
   };
 
   // Close on purpose: 'release' (a hidden tab lets go of the stream),
-  // 'refused' (not a stream to play) or 'unplayable' (a stream this page
-  // cannot play here).
+  // 'refused' (not a stream to play), 'unplayable' (a stream this page
+  // cannot play here) or 'mpeg1' (to connect again for MPEG-1).
   Connection.prototype.close = function (intent) {
     this.intent = intent;
     if (!this.closed) { this.socket.close(1000); }
@@ -965,7 +1775,16 @@
 
   function closed(ev, intent) {
     connection = null;
-    if (intent === 'release' || intent === 'refused') { return; }
+    if (intent === 'release') {
+      // (Shown again while the stream was being let go: take it up again.)
+      if (!released && !document.hidden) { connect(); }
+      return;
+    }
+    if (intent === 'refused') { return; }
+    if (intent === 'mpeg1') {
+      connect();
+      return;
+    }
     if (intent === 'unplayable') {  // (the page keeps saying why)
       retryTimer = setTimeout(connect, UNPLAYABLE_RETRY);
       return;
@@ -989,7 +1808,9 @@
       clearTimeout(releaseTimer);
       if (released) {
         released = false;
-        if (!connection) { connect(); }
+        if (!connection) { connect(); }  // (else it is closing: closed() connects)
+      } else if (connection && connection.player && connection.player.visible) {
+        connection.player.visible();
       }
     }
   });
@@ -1032,6 +1853,7 @@
 
   // -- start: the socket now, the player when its script has loaded ------
 
+  choosePath();
   connect();
 
   function whenReady() {
@@ -1046,12 +1868,18 @@
         toggleOverlay(overlay.hidden);
       }
     });
-    canvas.addEventListener('click', function () { toggleOverlay(overlay.hidden); });
+    document.body.addEventListener('click', function (ev) {
+      if (ev.target === canvas || (video && ev.target === video)) { toggleOverlay(overlay.hidden); }
+    });
     setInterval(function () { meter.update(); }, 500);
     toggleOverlay(window.location.hash === '#stats' || remembered('pistream.overlay') === '1');
 
-    parts = { renderer: makeRenderer(), wasm: 'none', wasmModule: null };
+    parts = { renderer: null, wasm: 'none', wasmModule: null };
     state.player = parts;
+    placeVideo();
+    // The canvas's renderer now, unless the pictures will be on the <video>
+    // (it takes tens of milliseconds to set up WebGL).
+    if (mpeg1Wanted || WebCodecsPlayer.usable() || !MsePlayer.usable()) { renderer(); }
     mark('player');
     if (window.WebAssembly) {
       // A connection that started without it (it waited long enough)
