@@ -6,7 +6,7 @@ so that each test can put the stream where it needs it: a newcomer in
 mid-group, a damaged picture, a change of size, connections cut.  At
 http://127.0.0.1 the page is a secure context and decodes with WebCodecs;
 at http://pistream.test (Chromium maps the name to 127.0.0.1) it is not,
-and says why there is no picture.
+and plays through Media Source Extensions (tests/test_browser_mse.py).
 
 Every wait is Playwright's wait_for_function, bounded.
 """
@@ -60,8 +60,8 @@ def test_the_page_plays_h264_through_webcodecs(browser, server):
         wait_for_pictures(page, 30)
         wait_for_drawn(page, 10)
         assert page.evaluate("window.isSecureContext")
-        assert state(page, "codec", "decoder", "width", "height", "state") == \
-            ["h264", "WebCodecs", 320, 240, "playing"]
+        assert state(page, "codec", "decoder", "width", "height", "state", "path", "pathWhy") == \
+            ["h264", "WebCodecs", 320, 240, "playing", "webcodecs", ""]
         assert page.locator("#status").is_hidden()
         canvas = page.locator("#video")
         assert page.evaluate("document.getElementById('video').width") == 320
@@ -300,45 +300,6 @@ def test_a_hidden_tab_decodes_but_draws_nothing(browser, server):
         ctx.close()
 
 
-#: Whether the server has no viewer left (asked from the page).
-VIEWERS_GONE = "async () => (await (await fetch('/control/state')).json()).viewers === 0"
-
-
-def test_a_page_that_is_no_secure_context_says_why_and_what_to_do(browser, server):
-    ctx, page = open_page(browser, server.url(host=INSECURE_HOST))
-    try:
-        page.wait_for_function("() => window.pistream.state === 'no picture'", timeout=10_000)
-        assert not page.evaluate("window.isSecureContext")
-        text = page.locator("#status").inner_text()
-        # It lets go of the stream it cannot show (the server has no viewer).
-        page.wait_for_function(VIEWERS_GONE, polling=100, timeout=5_000)
-        assert page.evaluate("window.pistream.connects") == 1
-        assert state(page, "frames", "codec") == [0, "h264"]
-        assert page.locator("#status").is_visible()
-    finally:
-        ctx.close()
-    assert text.startswith("No picture: this camera sends H.264"), text
-    assert "https" in text and "http://localhost" in text and "--codec mpeg1" in text, text
-
-
-NO_PROFILE = """
-VideoDecoder.isConfigSupported = (config) => Promise.resolve({supported: false, config});
-"""
-
-
-def test_a_browser_that_cannot_decode_the_profile_says_so(browser, server):
-    ctx, page = open_page(browser, server.url(), init=NO_PROFILE)
-    try:
-        page.wait_for_function("() => window.pistream.state === 'no picture'", timeout=10_000)
-        text = page.locator("#status").inner_text()
-        assert page.evaluate("window.pistream.frames") == 0
-    finally:
-        ctx.close()
-    assert text == ("No picture: this browser cannot decode this camera's H.264 "
-                    "(Constrained Baseline, level 1.3, avc1.42c00d). Start pistream with "
-                    "--codec mpeg1, or try another browser."), text
-
-
 def test_the_mpeg1_page_names_its_codec_and_decoder_too(browser, default_daemon):
     """The daemon's MPEG-1 stream still plays (its first message is the jsmp
     header), and the overlay says what plays it."""
@@ -350,11 +311,12 @@ def test_the_mpeg1_page_names_its_codec_and_decoder_too(browser, default_daemon)
             "() => /WebAssembly/.test(document.getElementById('overlay').textContent)",
             timeout=5_000)
         lines = page.locator("#overlay").inner_text().splitlines()
-        assert state(page, "codec", "stream", "state") == ["mpeg1", None, "playing"]
+        assert state(page, "codec", "stream", "state", "path") == \
+            ["mpeg1", None, "playing", "mpeg1"]
     finally:
         ctx.close()
     assert lines[0] == "640\u00d7480"
-    assert lines[4:] == ["MPEG-1", "JSMpeg (WebAssembly)"], lines
+    assert lines[4:] == ["MPEG-1: the camera streams MPEG-1", "JSMpeg (WebAssembly)"], lines
 
 
 def test_the_daemon_with_codec_h264_plays_in_the_page(browser):

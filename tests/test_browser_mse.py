@@ -1,0 +1,285 @@
+"""H.264 through Media Source Extensions, and the page's choice of path.
+
+The page at http://pistream.test (Chromium maps the name to 127.0.0.1) is
+no secure context, so the browser has no WebCodecs there: the page plays
+the H.264 stream on a <video> through MSE.  Where the browser has neither,
+the page asks for MPEG-1 (the stream's address with ?codec=mpeg1) and plays
+it with JSMpeg.  The stream comes from tests/h264_page_server.py (the real
+page; a prepared libx264 stream at its real frame rate, and an MPEG-1 one
+beside it), so that each test can put the stream where it needs it.
+Safari cannot run here: its shape (ManagedMediaSource and no MediaSource)
+is made in Chromium by an init script.
+
+Every wait is Playwright's wait_for_function, bounded.
+"""
+
+import pytest
+from PIL import ImageChops, ImageStat
+
+from tests.browser import picture
+from tests.test_browser import STATUS_HISTORY, open_page, wait_for_pictures
+from tests.test_browser_h264 import (  # noqa: F401 (fixtures)
+    BUSY, HIDE, INSECURE_HOST, browser, server, state, wait_for_drawn)
+
+pytestmark = pytest.mark.browser
+
+#: Every picture shown, in window.shownAt as [when (performance.now()),
+#: how old (ms since its capture, or null), the id of the element it is on,
+#: seconds buffered].  window.resumedAt: set by BUSY.
+SHOWN_AT = """
+(() => {
+  window.shownAt = [];
+  window.resumedAt = null;
+  let value;
+  Object.defineProperty(window, 'pistream', {
+    configurable: true,
+    get() { return value; },
+    set(v) {
+      value = v;
+      v.onpicture = (p) => window.shownAt.push(
+        [p.drawn, p.captured ? Date.now() - p.captured : null, p.element.id, v.buffered]);
+    },
+  });
+})();
+"""
+
+#: Whether, since the page was resumed, a picture less than 150 ms old was shown.
+LIVE_AGAIN = """() => window.resumedAt !== null &&
+  window.shownAt.some(([t, age]) => t > window.resumedAt && age !== null && age < 150)"""
+
+#: Whether the server has no viewer left, as last asked from the page (a
+#: predicate for wait_for_function with polling: it asks again each time;
+#: an async predicate would not be awaited there).
+VIEWERS_GONE = """() => {
+  fetch('/control/state').then((r) => r.json()).then((s) => { window.viewersNow = s.viewers; });
+  return window.viewersNow === 0;
+}"""
+
+NO_WEBCODECS_NO_MSE = """
+delete window.VideoDecoder;
+delete window.MediaSource;
+delete window.ManagedMediaSource;
+"""
+
+#: What Safari on an iPhone (iOS 17.1 and later) offers: ManagedMediaSource
+#: and no MediaSource (here Chromium's own MediaSource under that name).
+SAFARI = """
+window.ManagedMediaSource = window.MediaSource;
+delete window.MediaSource;
+"""
+
+
+def insecure(server):
+    return server.url(host=INSECURE_HOST)
+
+
+def overlay_lines(page, pattern):
+    page.wait_for_function(
+        f"() => /{pattern}/.test(document.getElementById('overlay').textContent)",
+        timeout=10_000)
+    return page.locator("#overlay").inner_text().splitlines()
+
+
+def test_the_page_plays_h264_through_mse_where_it_is_no_secure_context(browser, server):
+    ctx, page = open_page(browser, insecure(server) + "#stats", init=SHOWN_AT)
+    try:
+        wait_for_drawn(page, 10)
+        assert not page.evaluate("window.isSecureContext")
+        assert state(page, "codec", "decoder", "path", "pathWhy", "width", "height", "state") == \
+            ["h264", "MSE", "mse", "not a secure context", 320, 240, "playing"]
+        assert page.locator("#live").is_visible()
+        assert page.locator("#video").is_hidden()
+        assert page.evaluate("document.getElementById('live').videoWidth") == 320
+        live = page.locator("#live")
+        first = picture(live.screenshot())
+        drawn = page.evaluate("window.pistream.drawn")
+        wait_for_drawn(page, drawn + 15)
+        second = picture(live.screenshot())
+        lines = overlay_lines(page, "keyframes every \\d")
+        shown = page.evaluate("window.shownAt")
+        complaints = list(page.complaints)
+    finally:
+        ctx.close()
+    # testsrc2's picture, and it moves.
+    assert max(ImageStat.Stat(first).stddev) > 20
+    assert max(ImageStat.Stat(ImageChops.difference(first, second)).mean) > 1
+    assert lines[4:7] == ["H.264 Constrained Baseline, level 1.3", "keyframes every 2.0 s",
+                          "MSE: not a secure context"], lines
+    assert lines[7].startswith("lag "), lines
+    # Each picture is told with the element it is on and its capture time.
+    assert {element for _, _, element, _ in shown} == {"live"}, shown
+    assert all(age is not None and 0 <= age < 1000 for _, age, _, _ in shown), shown
+    assert complaints == []
+
+
+def test_the_page_keeps_to_the_live_edge(browser, server):
+    """Frozen for 3 s (a busy machine), the page shows a live picture
+    within a second of running again; over 20 s, what it shows stays live
+    and the <video>'s buffer stays small."""
+    ctx, page = open_page(browser, insecure(server), init=SHOWN_AT)
+    try:
+        wait_for_drawn(page, 10)
+        page.evaluate(BUSY, 3000)
+        page.wait_for_function(LIVE_AGAIN, timeout=5_000)
+        live = page.evaluate("window.shownAt.find(([t, age]) => t > window.resumedAt && "
+                             "age !== null && age < 150)[0] - window.resumedAt")
+        since = page.evaluate("window.shownAt.length")
+        start = page.evaluate("performance.now()")
+        page.wait_for_function(f"() => performance.now() - {start} > 20000",
+                               polling=1000, timeout=30_000)
+        shown = page.evaluate(f"window.shownAt.slice({since})")
+        seeks, resets = state(page, "seeks", "resets")
+    finally:
+        ctx.close()
+    assert live < 1000, live
+    assert len(shown) > 20 * 25, len(shown)  # 30 fps, a few lost at most
+    ages = sorted(age for _, age, _, _ in shown)
+    assert ages[len(ages) // 2] < 100 and ages[int(len(ages) * 0.95)] < 200, ages
+    assert max(buffered for _, _, _, buffered in shown if buffered is not None) < 4.5
+    assert resets == 0 and seeks >= 1, (seeks, resets)
+
+
+def test_a_hidden_tab_lets_go_and_is_live_again_when_it_shows(browser, server):
+    ctx, page = open_page(browser, insecure(server), init=SHOWN_AT)
+    try:
+        wait_for_drawn(page, 10)
+        page.evaluate(HIDE, True)
+        page.wait_for_function(VIEWERS_GONE, polling=250, timeout=15_000)
+        page.evaluate(HIDE, False)
+        page.evaluate("window.resumedAt = performance.now()")
+        page.wait_for_function(LIVE_AGAIN, timeout=5_000)
+        live = page.evaluate("window.shownAt.find(([t, age]) => t > window.resumedAt && "
+                             "age !== null && age < 150)[0] - window.resumedAt")
+        assert state(page, "connects", "path", "state") == [2, "mse", "playing"]
+    finally:
+        ctx.close()
+    assert live < 1000, live
+
+
+def test_a_change_of_size_starts_the_video_afresh(browser, server):
+    ctx, page = open_page(browser, insecure(server), init=STATUS_HISTORY)
+    try:
+        wait_for_drawn(page, 10)
+        for size, codecs in (("480x360", "avc1.42c01e"), ("320x240", "avc1.42c00d")):
+            width, height = map(int, size.split("x"))
+            server.control("resize", clip=size)
+            page.wait_for_function(
+                f"() => document.getElementById('live').videoWidth === {width} && "
+                f"window.pistream.state === 'playing'", timeout=5_000)
+            drawn = page.evaluate("window.pistream.drawn")
+            wait_for_drawn(page, drawn + 10, timeout=5_000)
+            assert state(page, "width", "height", "resets", "path") == [width, height, 0, "mse"]
+            assert page.evaluate("window.pistream.stream.codecs") == codecs
+            assert page.evaluate("document.getElementById('live').videoHeight") == height
+        shown = page.evaluate("window.statusShown")
+    finally:
+        ctx.close()
+    assert shown.count("stream changed: waiting for a keyframe\u2026") == 2, shown
+    assert shown[-1] == "", shown
+
+
+def test_a_damaged_picture_is_got_over(browser, server):
+    """Chromium's pipeline either conceals the damage or fails; either way
+    the page plays on (from the next keyframe, on a fresh MediaSource,
+    where it failed)."""
+    ctx, page = open_page(browser, insecure(server), init=STATUS_HISTORY)
+    try:
+        wait_for_drawn(page, 10)
+        keyframes = page.evaluate("window.pistream.keyframes")
+        server.control("corrupt")  # answers once the damaged picture went out
+        page.wait_for_function(f"() => window.pistream.keyframes > {keyframes}", timeout=5_000)
+        drawn = page.evaluate("window.pistream.drawn")
+        wait_for_drawn(page, drawn + 15, timeout=5_000)
+        assert state(page, "state", "path") == ["playing", "mse"]
+        assert page.locator("#status").is_hidden()
+        resets, error = state(page, "resets", "error")
+    finally:
+        ctx.close()
+    assert resets <= 1, (resets, error)
+
+
+@pytest.mark.parametrize("host, why", [
+    ("127.0.0.1", "this browser has neither WebCodecs nor Media Source Extensions"),
+    (INSECURE_HOST, "this browser has no Media Source Extensions"),
+])
+def test_a_browser_with_neither_plays_mpeg1_with_jsmpeg(browser, server, host, why):
+    """It asks for MPEG-1 from the start: no round trip for an H.264 stream
+    it cannot play."""
+    before = server.control("state")
+    ctx, page = open_page(browser, server.url(host=host) + "#stats", init=NO_WEBCODECS_NO_MSE)
+    try:
+        wait_for_pictures(page, 10)
+        wait_for_drawn(page, 10)
+        assert state(page, "codec", "path", "pathWhy", "connects", "state") == \
+            ["mpeg1", "mpeg1", why, 1, "playing"]
+        assert page.evaluate("window.pistream.url").endswith("/stream?codec=mpeg1")
+        assert page.locator("#video").is_visible()
+        lines = overlay_lines(page, "JSMpeg")
+        after = server.control("state")
+    finally:
+        ctx.close()
+    assert after["h264_connects"] == before["h264_connects"]
+    assert after["mpeg1_connects"] == before["mpeg1_connects"] + 1
+    assert lines[4] == "MPEG-1: " + why, lines
+
+
+def test_mse_without_this_profile_connects_again_for_mpeg1(browser, server):
+    ctx, page = open_page(browser, insecure(server),
+                          init="MediaSource.isTypeSupported = () => false;")
+    try:
+        wait_for_drawn(page, 10)
+        assert state(page, "codec", "path", "pathWhy", "connects") == \
+            ["mpeg1", "mpeg1", "MSE cannot play Constrained Baseline, level 1.3, avc1.42c00d", 2]
+        assert page.evaluate("window.pistream.url").endswith("/stream?codec=mpeg1")
+    finally:
+        ctx.close()
+
+
+def test_webcodecs_without_this_profile_hands_over_to_mse(browser, server):
+    ctx, page = open_page(browser, server.url(), init="""
+VideoDecoder.isConfigSupported = (config) => Promise.resolve({supported: false, config});
+""")
+    try:
+        wait_for_drawn(page, 10)
+        assert page.evaluate("window.isSecureContext")
+        assert state(page, "codec", "decoder", "path", "pathWhy", "connects") == \
+            ["h264", "MSE", "mse",
+             "WebCodecs cannot decode Constrained Baseline, level 1.3, avc1.42c00d", 1]
+    finally:
+        ctx.close()
+
+
+def test_the_safari_shape_plays_through_managed_media_source(browser, server):
+    ctx, page = open_page(browser, insecure(server) + "#stats", init=SAFARI)
+    try:
+        wait_for_drawn(page, 10)
+        assert state(page, "codec", "decoder", "path", "pathWhy", "state") == \
+            ["h264", "ManagedMediaSource", "mse", "not a secure context", "playing"]
+        assert page.evaluate("document.getElementById('live').disableRemotePlayback") is True
+        lines = overlay_lines(page, "ManagedMediaSource")
+    finally:
+        ctx.close()
+    assert "ManagedMediaSource: not a secure context" in lines, lines
+
+
+def test_a_camera_with_no_mpeg1_for_this_browser_says_why_and_what_to_do(browser, server):
+    """The one dead end: the page asks for MPEG-1 and the camera sends H.264
+    all the same (it makes no MPEG-1 for such viewers)."""
+    server.control("mpeg1", serve=0)
+    try:
+        ctx, page = open_page(browser, insecure(server), init=NO_WEBCODECS_NO_MSE)
+        try:
+            page.wait_for_function("() => window.pistream.state === 'no picture'",
+                                   timeout=10_000)
+            text = page.locator("#status").inner_text()
+            # It lets go of the stream it cannot show (the server has no viewer).
+            page.wait_for_function(VIEWERS_GONE, polling=100, timeout=5_000)
+            assert state(page, "frames", "codec", "connects") == [0, "h264", 1]
+            assert page.locator("#status").is_visible()
+        finally:
+            ctx.close()
+    finally:
+        server.control("mpeg1", serve=1)
+    assert text.startswith("No picture: this camera sends H.264, which this browser cannot "
+                           "play here (this browser has no Media Source Extensions)"), text
+    assert "https" in text and "http://localhost" in text and "--codec mpeg1" in text, text
