@@ -283,3 +283,34 @@ def test_a_camera_with_no_mpeg1_for_this_browser_says_why_and_what_to_do(browser
     assert text.startswith("No picture: this camera sends H.264, which this browser cannot "
                            "play here (this browser has no Media Source Extensions)"), text
     assert "https" in text and "http://localhost" in text and "--codec mpeg1" in text, text
+
+
+def test_the_daemon_with_codec_h264_plays_through_mse_and_mpeg1_made_on_demand(browser):
+    """End to end, at a name that is no secure context: the daemon's H.264
+    through MSE; and, for a browser with neither WebCodecs nor MSE, the
+    MPEG-1 the daemon makes while such a viewer watches."""
+    from tests.daemon import Daemon
+    with Daemon("--codec", "h264", "--framerate", "30", "--keyframe-interval", "2",
+                "--ws-port", "off", "--allow-host", INSECURE_HOST) as daemon:
+        url = f"http://{INSECURE_HOST}:{daemon.http_port}/"
+        ctx, page = open_page(browser, url, init=SHOWN_AT)
+        try:
+            wait_for_drawn(page, 30)
+            assert state(page, "codec", "path", "pathWhy", "decoder", "width", "height",
+                         "state", "resets") == \
+                ["h264", "mse", "not a secure context", "MSE", 640, 480, "playing", 0]
+            shown = page.evaluate("window.shownAt")
+            complaints = list(page.complaints)
+        finally:
+            ctx.close()
+        ctx, page = open_page(browser, url, init=NO_WEBCODECS_NO_MSE)
+        try:
+            wait_for_pictures(page, 10, timeout=20_000)
+            assert state(page, "codec", "path", "connects", "state") == \
+                ["mpeg1", "mpeg1", 1, "playing"]
+            assert page.evaluate("window.pistream.url").endswith("/stream?codec=mpeg1")
+        finally:
+            ctx.close()
+    assert complaints == []
+    ages = sorted(age for _, age, _, _ in shown if age is not None)
+    assert ages and ages[len(ages) // 2] < 200, ages
