@@ -138,28 +138,91 @@ def came_through_http_port(transport, factory):
 
 
 class _Call:
-    """A timer Autobahn may cancel after it ran."""
+    """One timer of L{ReactorTimers}: Autobahn may cancel it after it ran."""
 
-    __slots__ = ("delayed",)
+    __slots__ = ("function", "args", "kwargs", "bucket")
 
-    def __init__(self, delayed):
-        self.delayed = delayed
+    def __init__(self, function, args, kwargs, bucket):
+        self.function = function
+        self.args = args
+        self.kwargs = kwargs
+        self.bucket = bucket
 
     def cancel(self):
-        if self.delayed.active():
-            self.delayed.cancel()
+        bucket, self.bucket = self.bucket, None
+        self.function = self.args = self.kwargs = None
+        if bucket is not None:
+            bucket.cancelled()
+
+
+class _Bucket:
+    """The timers due at the end of one bucket, and the reactor's call that
+    runs them (cancelled once none is left)."""
+
+    __slots__ = ("timers", "number", "calls", "live", "delayed")
+
+    def __init__(self, timers, number):
+        self.timers = timers
+        self.number = number
+        self.calls = []
+        self.live = 0
+        self.delayed = None
+
+    def cancelled(self):
+        self.live -= 1
+        if not self.live:
+            if self.delayed is not None and self.delayed.active():
+                self.delayed.cancel()
+            self.timers._forget(self)
 
 
 class ReactorTimers:
     """Autobahn's protocol timers (the opening handshake's timeout, the
-    close's, the pings) on the factory's reactor: Autobahn's own batched
-    timer uses txaio's global one, which a test's clock is not."""
+    close's, the pings) on the factory's reactor, in batches: Autobahn's own
+    batched timer uses txaio's global reactor, which a test's clock is not.
 
-    def __init__(self, reactor):
+    Each timer is due at the end of the C{bucket} (seconds) it falls in, at
+    most C{bucket} late and never early, and every timer of a bucket runs
+    from one reactor call: with hundreds of viewers, a ping each every 10 s
+    and its timeout would otherwise be as many reactor wake-ups and heap
+    entries (Autobahn's own timer batches them too, by 0.2 s)."""
+
+    bucket = 0.2
+
+    def __init__(self, reactor, bucket=None):
         self.reactor = reactor
+        if bucket is not None:
+            self.bucket = bucket
+        self._buckets = {}  # bucket number -> _Bucket
 
     def call_later(self, delay, function, *args, **kwargs):
-        return _Call(self.reactor.callLater(delay, function, *args, **kwargs))
+        now = self.reactor.seconds()
+        number = math.ceil((now + delay) / self.bucket - 1e-9)
+        bucket = self._buckets.get(number)
+        if bucket is None:
+            bucket = self._buckets[number] = _Bucket(self, number)
+            bucket.delayed = self.reactor.callLater(
+                max(0.0, number * self.bucket - now), self._run, bucket)
+        call = _Call(function, args, kwargs, bucket)
+        bucket.calls.append(call)
+        bucket.live += 1
+        return call
+
+    def _forget(self, bucket):
+        if self._buckets.get(bucket.number) is bucket:
+            del self._buckets[bucket.number]
+
+    def _run(self, bucket):
+        self._forget(bucket)
+        for call in bucket.calls:
+            if call.bucket is None:
+                continue  # cancelled
+            function, args, kwargs = call.function, call.args, call.kwargs
+            call.bucket = call.function = call.args = call.kwargs = None  # ran
+            try:
+                function(*args, **kwargs)
+            except Exception:
+                log.failure("a WebSocket timer failed")
 
 
 class ViewerProtocol(WebSocketServerProtocol):

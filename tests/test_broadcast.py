@@ -359,3 +359,27 @@ class Counting(Client):
         self._waiting.append((n, d))
         return d
 
+
+
+def test_autobahns_timers_run_in_batches_never_early():
+    """Each viewer's pings and their timeouts: one reactor call per 0.2 s
+    batch, not one per timer, each timer at most 0.2 s late and never early;
+    a batch whose timers were all cancelled leaves no call behind."""
+    from pistreaming.broadcast import ReactorTimers
+    clock = task.Clock()
+    timers = ReactorTimers(clock)
+    ran = []
+    for i in range(100):  # a hundred viewers' pings, due within one batch
+        timers.call_later(10.001 + i / 1000, ran.append, i)
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(10.09)
+    assert ran == []  # none early
+    clock.advance(0.12)  # by the end of their batch (10.2 s), all of them
+    assert ran == list(range(100))
+    late = [timers.call_later(5, ran.append, "late") for _ in range(3)]
+    for call in late:
+        call.cancel()
+    assert clock.getDelayedCalls() == []
+    late[0].cancel()  # Autobahn may cancel again, or after it ran: harmless
+    clock.advance(6)
+    assert ran[-1] == 99
