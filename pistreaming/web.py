@@ -395,13 +395,15 @@ def content_security_policy(host, styles=b"", scripts=b""):
     """Only this site's own scripts and styles, and the inline ones named by
     hash in C{scripts} and C{styles} (the page's own, see L{inline}, and the
     player's style, see L{player_styles}); its images and stream;
-    WebAssembly for the player's decoder; no frames, no forms, no plugins."""
+    WebAssembly for the player's decoder; the video element's media from a
+    blob: URL (Media Source Extensions, the H.264 path where the page is no
+    secure context); no frames, no forms, no plugins."""
     connect = b"'self'"
     if host and _HOST.match(host):
         # Older browsers do not count ws: and wss: to this host as 'self'.
         connect += b" ws://" + host + b" wss://" + host
     return (b"default-src 'none'; script-src 'self' 'wasm-unsafe-eval'" + scripts + b"; "
-            b"style-src 'self'" + styles + b"; img-src 'self' data:; "
+            b"style-src 'self'" + styles + b"; img-src 'self' data:; media-src blob:; "
             b"connect-src " + connect + b"; "
             b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
