@@ -134,8 +134,11 @@ def test_the_page_keeps_to_the_live_edge(browser, server):
     assert live < 1000, live
     assert len(shown) > 20 * 25, len(shown)  # 30 fps, a few lost at most
     ages = sorted(age for _, age, _, _ in shown)
-    assert ages[len(ages) // 2] < 100 and ages[int(len(ages) * 0.95)] < 200, ages
-    assert max(buffered for _, _, _, buffered in shown if buffered is not None) < 4.5
+    median, p95 = ages[len(ages) // 2], ages[int(len(ages) * 0.95)]
+    assert median < 100 and p95 < 200, (median, p95)
+    # (What piled up in the freeze goes from the buffer within a second.)
+    buffered = [b for t, _, _, b in shown if t > start + 1000 and b is not None]
+    assert buffered and max(buffered) < 4.5, max(buffered)
     assert resets == 0 and seeks >= 1, (seeks, resets)
 
 
