@@ -181,6 +181,23 @@ def test_a_change_of_size_starts_the_video_afresh(browser, server):
     assert shown[-1] == "", shown
 
 
+def test_the_page_comes_back_by_itself_when_the_connection_is_cut(browser, server):
+    ctx, page = open_page(browser, insecure(server), init=STATUS_HISTORY)
+    try:
+        wait_for_drawn(page, 10)
+        server.control("drop")
+        page.wait_for_function("() => window.pistream.connects >= 2", timeout=5_000)
+        drawn = page.evaluate("window.pistream.drawn")
+        wait_for_drawn(page, drawn + 10, timeout=5_000)
+        assert state(page, "path", "state") == ["mse", "playing"]
+        assert page.locator("#status").is_hidden()
+        assert page.locator("#live").is_visible() and page.locator("#video").is_hidden()
+        shown = page.evaluate("window.statusShown")
+    finally:
+        ctx.close()
+    assert "reconnecting\u2026" in shown, shown
+
+
 def test_a_damaged_picture_is_got_over(browser, server):
     """Chromium's pipeline either conceals the damage or fails; either way
     the page plays on (from the next keyframe, on a fresh MediaSource,

@@ -1058,7 +1058,7 @@
   // good); one a little faster catches up with the newest picture and
   // waits there (the buffer runs dry for a moment, and the next picture
   // shows as it arrives).  Measured in headless Chromium: from arrival to
-  // shown, a median of 15 to 22 ms at 1.0, 6 ms at 1.05.  What
+  // shown, a median of 15 to 22 ms at 1.0, 6 to 13 ms at 1.05.  What
   // was played goes from the buffer once more than MSE_KEEP seconds of it
   // are there (up to the keyframe the picture shown depends on), so memory
   // stays bounded however long the page runs.
