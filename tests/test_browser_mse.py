@@ -114,8 +114,8 @@ def test_the_page_plays_h264_through_mse_where_it_is_no_secure_context(browser, 
 
 def test_the_page_keeps_to_the_live_edge(browser, server):
     """Frozen for 3 s (a busy machine), the page shows a live picture
-    within a second of running again; over 20 s, what it shows stays live
-    and the <video>'s buffer stays small."""
+    within a second of running again; over 8 s after, what it shows stays
+    live and the <video>'s buffer stays small (bench/latency soaks longer)."""
     ctx, page = open_page(browser, insecure(server), init=SHOWN_AT)
     try:
         wait_for_drawn(page, 10)
@@ -125,14 +125,14 @@ def test_the_page_keeps_to_the_live_edge(browser, server):
                              "age !== null && age < 150)[0] - window.resumedAt")
         since = page.evaluate("window.shownAt.length")
         start = page.evaluate("performance.now()")
-        page.wait_for_function(f"() => performance.now() - {start} > 20000",
-                               polling=1000, timeout=30_000)
+        page.wait_for_function(f"() => performance.now() - {start} > 8000",
+                               polling=1000, timeout=20_000)
         shown = page.evaluate(f"window.shownAt.slice({since})")
         seeks, resets = state(page, "seeks", "resets")
     finally:
         ctx.close()
     assert live < 1000, live
-    assert len(shown) > 20 * 25, len(shown)  # 30 fps, a few lost at most
+    assert len(shown) > 8 * 25, len(shown)  # 30 fps, a few lost at most
     ages = sorted(age for _, age, _, _ in shown)
     median, p95 = ages[len(ages) // 2], ages[int(len(ages) * 0.95)]
     assert median < 100 and p95 < 200, (median, p95)
@@ -142,8 +142,18 @@ def test_the_page_keeps_to_the_live_edge(browser, server):
     assert resets == 0 and seeks >= 1, (seeks, resets)
 
 
+#: The page lets go of the stream 10 s after its tab is hidden; here the
+#: test does not wait those 10 s of real time: that one timer runs at 0.3 s.
+SHORT_RELEASE = """
+(() => {
+  const setTimeoutAsIs = window.setTimeout;
+  window.setTimeout = (f, ms, ...args) => setTimeoutAsIs(f, ms === 10000 ? 300 : ms, ...args);
+})();
+"""
+
+
 def test_a_hidden_tab_lets_go_and_is_live_again_when_it_shows(browser, server):
-    ctx, page = open_page(browser, insecure(server), init=SHOWN_AT)
+    ctx, page = open_page(browser, insecure(server), init=SHORT_RELEASE + SHOWN_AT)
     try:
         wait_for_drawn(page, 10)
         page.evaluate(HIDE, True)
