@@ -36,6 +36,7 @@ from pistreaming.h264 import H264Stream
 from pistreaming.hosts import HostPolicy
 from pistreaming.listening import listen_service, raise_file_limit
 from pistreaming.memory import Collector
+from pistreaming import ondemand
 from pistreaming.ondemand import OnDemand, OnDemandEncoder, OnDemandFactory, decode_command
 from pistreaming.stats import PictureTimes, Stats
 from pistreaming.web import make_site
@@ -97,7 +98,7 @@ class Pistream(service.MultiService):
                     start_cache=lambda: [chunk for chunk, _ in self.fanout.start_cache.chunks],
                     framerate=config.framerate, request_keyframe=self._request_keyframe,
                     on_state=self._mpeg1_encoder_state),
-                self.mpeg1_factory, reactor)
+                self.mpeg1_factory, reactor, stop_after=ondemand.STOP_AFTER)
         self.encoder = None
         self.camera = None
         if h264 and getattr(source, "encodes_h264", False):
