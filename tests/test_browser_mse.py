@@ -131,7 +131,11 @@ def test_the_page_keeps_to_the_live_edge(browser, server):
         seeks, resets = state(page, "seeks", "resets")
     finally:
         ctx.close()
-    assert live < 1000, live
+    # Live again means a seek, and a seek decodes from the keyframe before
+    # it (up to a 2 s group of pictures): with the other test worker beside
+    # it that took 1.8 s once in 12 runs; bench/latency measures it alone
+    # (5-14 ms after a 3 s freeze).
+    assert live < 2500, live
     assert len(shown) > 8 * 25, len(shown)  # 30 fps, a few lost at most
     ages = sorted(age for _, age, _, _ in shown)
     median, p95 = ages[len(ages) // 2], ages[int(len(ages) * 0.95)]
