@@ -1,6 +1,5 @@
 """Bounded waits for trial tests on the real reactor, for what runs in
-another thread or process (a camera's thread, ffmpeg): nothing here polls
-but L{wait_until}, kept for code that says nothing when it is done.
+another thread or process (a camera's thread, ffmpeg): nothing here polls.
 
 A test says when something happened (L{Events.notify}, called where frames,
 chunks, states or log events reach the reactor thread, or L{Arrivals}, a
@@ -11,7 +10,7 @@ only timer is its bound.  Code that takes a clock is driven on one instead
 
 import time
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.python.failure import Failure
 
 from pistreaming.mpegts import PACKET, video_pes_start
@@ -111,29 +110,6 @@ def from_threads_taken(clock=reactor):
     d = defer.Deferred()
     clock.callFromThread(d.callback, None)
     return d
-
-
-def wait_until(predicate, timeout=10.0, interval=0.02, what="condition"):
-    """A Deferred that fires once C{predicate()} is true, or fails after
-    C{timeout} seconds: a poll every C{interval} seconds of real time.
-
-    Only for code under test that says nothing when the condition comes
-    true; where it says something (a sink, a state callback, a log event),
-    wait on that with L{Events} or L{Arrivals} instead, and where it takes
-    a clock, drive it on a Clock.  The outcome must never depend on
-    C{interval}: it only decides how soon after the fact the test goes on.
-    (tests/test_encoder_h264.py still uses it for ffmpeg's access units.)
-    """
-    deadline = reactor.seconds() + timeout
-
-    def check():
-        if predicate():
-            return True
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        return task.deferLater(reactor, interval, check)
-
-    return defer.maybeDeferred(check)
 
 
 def with_timeout(d, timeout, what="operation"):

@@ -25,7 +25,7 @@ from pistreaming.camera.picture import Picture
 from pistreaming.camera.service import CameraService, Encoding
 from pistreaming.options import Config
 from tests.fake_picamera2 import Rig
-from tests.helpers import wait_until, with_timeout
+from tests.helpers import Arrivals, with_timeout
 
 ENCODING = types.SimpleNamespace(bitrate=500_000, keyframe_interval=2.0, framerate=30,
                                  profile="baseline")
@@ -267,15 +267,15 @@ class RealThreadsTests(unittest.TestCase):
     def test_the_fake_picamera2s_access_units_reach_the_reactor(self):
         rig = Rig()
         source = Picamera2Source(rig.picamera2, rig.libcamera, Picture(320, 240, 30))
-        got = []
+        got = Arrivals()
         service = CameraService(source, None, lambda *unit: got.append(
             unit + (threading.current_thread() is threading.main_thread(),)), reactor,
             h264=ENCODING)
         service.startService()
         try:
-            yield wait_until(lambda: len(got) >= 5, 10, what="five access units")
+            yield got.until(lambda: len(got) >= 5, 10, what="five access units")
             assert service.request_keyframe() is True
-            yield wait_until(lambda: sum(1 for u in got if u[1]) >= 2, 5, what="an asked IDR")
+            yield got.until(lambda: sum(1 for u in got if u[1]) >= 2, 5, what="an asked IDR")
         finally:
             yield with_timeout(service.stopService(), 5, "camera service stop")
         assert got[0][1] and all(u[3] for u in got)  # delivered in the reactor's thread

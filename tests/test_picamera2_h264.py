@@ -62,16 +62,26 @@ class Units:
         self.stopping = stopping
         self.count = count
         self.on_unit = on_unit
+        self._arrived = threading.Condition()
 
     def access_unit(self, data, keyframe, captured_at):
         if len(self.units) >= self.count:
             return  # after the stop was asked for
-        self.units.append((data, keyframe, captured_at, time.time(),
-                           threading.current_thread().name))
+        with self._arrived:
+            self.units.append((data, keyframe, captured_at, time.time(),
+                               threading.current_thread().name))
+            self._arrived.notify_all()
         if self.on_unit is not None:
             self.on_unit(len(self.units))
         if len(self.units) >= self.count:
             self.stopping.set()
+
+    def wait_for(self, count, timeout=10):
+        """Block until C{count} access units have come (the encoder's thread
+        says so), or C{timeout} seconds have passed."""
+        with self._arrived:
+            self._arrived.wait_for(lambda: len(self.units) >= count, timeout)
+        return len(self.units) >= count
 
     @property
     def data(self):
@@ -261,9 +271,7 @@ def test_stop_is_prompt_and_closes_the_camera_and_the_encoder():
     stopping = threading.Event()
     out = Units(stopping, 10**9)
     thread, outcome = in_thread(source.run_h264, out, stopping, encoding())
-    deadline = time.monotonic() + 10
-    while len(out.units) < 5 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert out.wait_for(5)
     asked = time.monotonic()
     stopping.set()
     thread.join(5)
@@ -307,9 +315,7 @@ def test_a_failing_encoder_surfaces_or_goes_quiet_and_the_camera_is_closed(pi5):
     stopping = threading.Event()
     out = Units(stopping, 10**9)
     thread, outcome = in_thread(source.run_h264, out, stopping, encoding())
-    deadline = time.monotonic() + 10
-    while len(out.units) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert out.wait_for(3)
     rig.encoders[0]._ffmpeg.process.kill()  # the encoder dies
     thread.join(2 if not pi5 else 0.5)
     if not pi5:

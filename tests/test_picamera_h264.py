@@ -152,9 +152,7 @@ def test_stop_is_prompt_and_releases_the_camera():
     stopping = threading.Event()
     out = Units(stopping, 10**9)
     thread, outcome = in_thread(src.run_h264, out, stopping, encoding())
-    deadline = time.monotonic() + 10
-    while len(out.units) < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert out.wait_for(4)
     asked = time.monotonic()
     stopping.set()
     thread.join(5)
@@ -178,9 +176,7 @@ def test_an_encoder_that_dies_goes_quiet_and_stop_still_works():
     stopping = threading.Event()
     out = Units(stopping, 10**9)
     thread, outcome = in_thread(src.run_h264, out, stopping, encoding())
-    deadline = time.monotonic() + 10
-    while len(out.units) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    assert out.wait_for(3)
     fake.hardware.encoders[0].process.kill()
     time.sleep(0.3)
     count = len(out.units)
