@@ -706,9 +706,17 @@
     }
   }
 
-  // The capture time (microseconds since the epoch) in an access unit's message.
-  function captureTime(view) {
-    return view.getUint32(1) * 4294967296 + view.getUint32(5);
+  // An access unit's message (a flags byte, the capture time in
+  // microseconds since the epoch as 8 bytes, the access unit in Annex B),
+  // as the players take it; null for one too short to be one.
+  function accessUnit(data, received) {
+    if (data.byteLength < 10) { return null; }
+    var view = new DataView(data);
+    return {
+      key: (view.getUint8(0) & 1) === 1,
+      captured: view.getUint32(1) * 4294967296 + view.getUint32(5),
+      received: received, data: new Uint8Array(data, 9)
+    };
   }
 
   // H.264 through WebCodecs' VideoDecoder.  The access units are Annex B, so
@@ -856,12 +864,8 @@
   };
 
   WebCodecsPlayer.prototype.write = function (data, received) {
-    if (this.closed || data.byteLength < 10) { return; }
-    var view = new DataView(data);
-    var chunk = {
-      key: (view.getUint8(0) & 1) === 1, captured: captureTime(view), received: received,
-      data: new Uint8Array(data, 9)
-    };
+    var chunk = this.closed ? null : accessUnit(data, received);
+    if (!chunk) { return; }
     if (chunk.key) { this.sawKey(chunk); }
     if (!this.configured) {
       if (chunk.key) {
@@ -1372,12 +1376,8 @@
   };
 
   MsePlayer.prototype.write = function (data, received) {
-    if (this.closed || data.byteLength < 10) { return; }
-    var view = new DataView(data);
-    var chunk = {
-      key: (view.getUint8(0) & 1) === 1, captured: captureTime(view), received: received,
-      data: new Uint8Array(data, 9)
-    };
+    var chunk = this.closed ? null : accessUnit(data, received);
+    if (!chunk) { return; }
     if (chunk.key) { this.sawKey(chunk); }
     this.take(chunk);
   };
