@@ -18,7 +18,6 @@ only while one of them watches (pistreaming.ondemand):
 """
 
 import json
-from types import SimpleNamespace
 
 from twisted.application import service
 from twisted.internet import error
@@ -27,7 +26,7 @@ from twisted.logger import Logger
 from pistreaming.annotate import drawtext_filter
 from pistreaming.broadcast import StreamFactory
 from pistreaming.camera import choose_source
-from pistreaming.camera.service import CameraService
+from pistreaming.camera.service import CameraService, Encoding
 from pistreaming.encoder import Encoder, ffmpeg_command
 from pistreaming.fanout import BroadcastService
 from pistreaming.admission import PendingConnections
@@ -103,11 +102,9 @@ class Pistream(service.MultiService):
         self.camera = None
         if h264 and getattr(source, "encodes_h264", False):
             # The camera's own encoder: no ffmpeg, no raw frame in Python.
-            encoding = SimpleNamespace(bitrate=config.bitrate, framerate=config.framerate,
-                                       keyframe_interval=config.keyframe_interval,
-                                       profile="baseline")
             self.camera = CameraService(source, geometry.frame_size, self._camera_picture,
-                                        reactor, on_state=self._camera_state, h264=encoding)
+                                        reactor, on_state=self._camera_state,
+                                        h264=Encoding.of(config))
         else:
             # A source ffmpeg reads itself says how; the others hand raw frames over.
             video_input = (source.ffmpeg_input(config.codec) if hasattr(source, "ffmpeg_input")
