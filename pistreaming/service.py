@@ -75,6 +75,12 @@ class Pistream(service.MultiService):
             codec=config.codec, on_newcomer=self._newcomer if h264 else None, **limits)
         self.fanout = self.factory.fanout
         self.times = PictureTimes()
+        # Consumers beside the viewers (a push to a media server, a recorder,
+        # the snapshot): each is given every chunk the viewers are given, as
+        # the fan-out has it (an MPEG-TS Chunk in mpeg1 mode, an access-unit
+        # message in h264 mode), in the reactor thread, with C{tap.feed(chunk)};
+        # a tap never blocks and drops what it cannot take.
+        self.taps = []
         self.h264 = None
         # With H.264, the MPEG-1 stream for viewers that cannot play it,
         # made while one of them watches: its own fan-out, the same limits,
@@ -117,7 +123,7 @@ class Pistream(service.MultiService):
                                video_input, filters, codec=config.codec,
                                keyframe_interval=config.keyframe_interval,
                                x264_preset=config.x264_preset),
-                self.h264.feed if h264 else self.fanout.broadcast, reactor,
+                self.h264.feed if h264 else self._stream_out, reactor,
                 framerate=config.framerate, timings=self.times.add,
                 reads_stdin=video_input is None, frame_size=geometry.frame_size,
                 on_state=self._encoder_state, codec=config.codec,
@@ -173,9 +179,16 @@ class Pistream(service.MultiService):
     def _camera_picture(self, data, keyframe, captured_at):
         self.h264.feed(data, captured_at)
 
-    def _h264_out(self, chunk):
-        # To the H.264 viewers, and to the MPEG-1 encoder while it runs.
+    def _stream_out(self, chunk):
+        # The stream as it is encoded: to the viewers, then to the taps.
         self.fanout.broadcast(chunk)
+        for tap in self.taps:
+            tap.feed(chunk)
+
+    def _h264_out(self, chunk):
+        # To the H.264 viewers and the taps, and to the MPEG-1 encoder while
+        # it runs.
+        self._stream_out(chunk)
         self.on_demand.encoder.feed_h264(chunk)
 
     def _h264_config(self, stream):
