@@ -58,7 +58,7 @@ class Config:
     framerate: Fraction = Fraction(24)
     bitrate: int = 800_000
     #: "mpeg1" or "h264" (CODECS).
-    codec: str = "mpeg1"
+    codec: str = "h264"
     #: Seconds between pictures a decoder can start at (H.264 IDR pictures).
     keyframe_interval: float = 2.0
     #: x264's preset where the daemon makes the H.264 itself (X264_PRESETS).
@@ -448,9 +448,10 @@ class Options(usage.Options):
          "Frames per second: " + ", ".join(MPEG1_FRAME_RATES) + "."],
         ["bitrate", "b", _bitrate_text(Config.bitrate), "Video bit rate, e.g. 800k or 2M."],
         ["codec", None, Config.codec,
-         "The stream's video: mpeg1 (played by JSMpeg in any browser) or h264 (the "
-         "camera's own encoder, no re-encode; decoded by the browser's WebCodecs on "
-         "https and http://localhost)."],
+         "The stream's video: h264 (the camera's own encoder, no re-encode; the "
+         "browser plays it with WebCodecs on https and http://localhost, with Media "
+         "Source Extensions on plain http, and gets MPEG-1 made while it watches where "
+         "it has neither) or mpeg1 (ffmpeg encodes, JSMpeg plays it in any browser)."],
         ["keyframe-interval", None, _as_text(Config.keyframe_interval),
          "Seconds between H.264 keyframes (where a new viewer's decoder starts)."],
         ["x264-preset", None, Config.x264_preset,

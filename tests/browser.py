@@ -37,11 +37,18 @@ CHROMIUM_ARGS = [
 ]
 
 
-def launch(playwright, headless=True):
+#: A name that is no secure context on plain http, as a LAN's names are;
+#: launch(lan_name=True) makes Chromium resolve it to 127.0.0.1.
+INSECURE_HOST = "pistream.test"
+
+
+def launch(playwright, headless=True, lan_name=False):
     if not os.path.exists(CHROMIUM):
         raise RuntimeError(f"Chromium is not installed at {CHROMIUM} (apt install chromium)")
-    return playwright.chromium.launch(executable_path=CHROMIUM, headless=headless,
-                                      args=CHROMIUM_ARGS)
+    args = list(CHROMIUM_ARGS)
+    if lan_name:
+        args.append(f"--host-resolver-rules=MAP {INSECURE_HOST} 127.0.0.1")
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=headless, args=args)
 
 
 def picture(png_bytes):

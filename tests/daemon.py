@@ -29,8 +29,12 @@ class Daemon:
     #: Every daemon started, so that none outlives the test session (conftest.py).
     started = []
 
-    def __init__(self, *args, camera="test", start_timeout=30, env=None, prelude=None):
+    def __init__(self, *args, camera="test", codec="mpeg1", start_timeout=30, env=None,
+                 prelude=None):
         """
+        @param codec: the C{--codec} to give where C{args} give none (most
+            end-to-end tests check MPEG-1 behaviour, which is not the
+            daemon's default); C{None} leaves the daemon's default.
         @param env: extra environment variables; a C{PYTHONPATH} given here
             goes before the checkout's.
         @param prelude: Python code the daemon's process runs before twistd
@@ -44,6 +48,9 @@ class Daemon:
             "--ws-port", "tcp:0:interface=127.0.0.1",
             *args,
         ]
+        if codec is not None and not any(a == "--codec" or a.startswith("--codec=")
+                                         for a in args):
+            self.args += ["--codec", codec]
         self.start_timeout = start_timeout
         self.lines = []
         self._read_all = False

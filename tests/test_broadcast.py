@@ -306,7 +306,7 @@ class LoopbackTests(unittest.TestCase):
         from pistreaming.options import Config
         from pistreaming.web import make_site
         factory = make_factory(reactor)
-        site = make_site(Config(ffmpeg="/usr/bin/ffmpeg"), factory, player=b"//",
+        site = make_site(Config(codec="mpeg1", ffmpeg="/usr/bin/ffmpeg"), factory, player=b"//",
                          reactor=reactor)
         listen = endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen
         stream_port = yield listen(factory)

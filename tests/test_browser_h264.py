@@ -14,13 +14,12 @@ Every wait is Playwright's wait_for_function, bounded.
 import pytest
 from PIL import ImageChops, ImageStat
 
-from tests.browser import CHROMIUM_ARGS, picture
+from tests.browser import CHROMIUM_ARGS, INSECURE_HOST, picture
 from tests.h264_page_server import PageServer
 from tests.test_browser import STATUS_HISTORY, open_page, wait_for_pictures
 
 pytestmark = pytest.mark.browser
 
-INSECURE_HOST = "pistream.test"
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ def make():
     stream = StreamFactory(stream_header(640, 480), clock, max_viewers=3)
     pending = PendingConnections(per_address=1, total=10)
     parts = SimpleNamespace(clock=clock, encoder=encoder(), stream=stream, pending=pending)
-    parts.stats = Stats(clock, Config(ffmpeg="/usr/bin/ffmpeg"), SimpleNamespace(name="test"),
+    parts.stats = Stats(clock, Config(codec="mpeg1", ffmpeg="/usr/bin/ffmpeg"), SimpleNamespace(name="test"),
                         parts.encoder, stream.fanout, stream, pending=pending)
     return parts
 

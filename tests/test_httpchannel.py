@@ -87,7 +87,7 @@ class Connections:
         if password:
             authenticator = Authenticator(SimpleNamespace(users=lambda: {}), self.clock)
         factory = StreamFactory(stream_header(640, 480), self.clock)
-        self.site = web.make_site(Config(ffmpeg="/usr/bin/ffmpeg"), factory, player=PLAYER,
+        self.site = web.make_site(Config(codec="mpeg1", ffmpeg="/usr/bin/ffmpeg"), factory, player=PLAYER,
                                   authenticator=authenticator, reactor=self.clock,
                                   pending=pending)
 

@@ -343,7 +343,7 @@ class OnDemandTests(ServiceCase):
             assert line in metrics, line
 
     def test_in_mpeg1_mode_codec_mpeg1_is_the_one_stream(self):
-        service = self.build()
+        service = self.build("--codec", "mpeg1")
         self.start()
         assert service.on_demand is None and service.mpeg1_factory is None
         viewer = Network(service.site, self.reactor, port=8082).connect(

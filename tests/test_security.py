@@ -230,7 +230,7 @@ class OriginTests(unittest.TestCase):
         clock = task.Clock()
         factory = StreamFactory(stream_header(640, 480), clock,
                                 allow_origins=("https://friend.example",))
-        site = web.make_site(Config(ffmpeg="/usr/bin/ffmpeg"), factory, player=b"//",
+        site = web.make_site(Config(codec="mpeg1", ffmpeg="/usr/bin/ffmpeg"), factory, player=b"//",
                              reactor=clock)
         on_http = Network(site, clock, port=8082)
         for origin, allowed in [("http://127.0.0.1:8082", True),  # the page's own

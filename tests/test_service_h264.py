@@ -18,7 +18,7 @@ from pistreaming.service import makeService
 from pistreaming.h264 import is_idr, nal_types, parse_message
 from tests.fakes.inmemory import Network
 from tests.test_camera_service_h264 import Pool
-from tests.test_service import ServiceCase, http, options
+from tests.test_service import ServiceCase, Source, http, options
 
 SPS, PPS = 7, 8
 
@@ -168,8 +168,17 @@ class H264ServiceTests(Watching, ServiceCase):
         assert b'pistream_stream_info{codec="h264"' in answer
         assert b"pistream_keyframes_total 3.0" in answer
 
+    def test_h264_is_the_default(self):
+        service = makeService(options(), reactor=self.reactor, source=Source(),
+                              player=b"//")
+        self.service = service
+        self.start()
+        assert service.h264 is not None and service.on_demand is not None
+        assert service.fanout.header is None  # the description comes with the SPS/PPS
+        assert service.stats.gather()["stream"]["codec"] == "h264"
+
     def test_mpeg1_is_untouched(self):
-        service = self.build()
+        service = self.build("--codec", "mpeg1")
         self.start()
         assert service.h264 is None
         assert service.fanout.header[:4] == b"jsmp"

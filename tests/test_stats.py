@@ -64,7 +64,7 @@ class FiguresTests(unittest.TestCase):
         self.patch(camera_service, "ThreadPool", RecordingPool)
         self.reactor = SpawningReactor(ends_on=(signal.SIGTERM, signal.SIGKILL))
         # (Config, not Options: a rate MPEG-1 cannot carry, but exact in binary)
-        config = Config(ffmpeg="/usr/bin/ffmpeg", width=320, height=240,
+        config = Config(codec="mpeg1", ffmpeg="/usr/bin/ffmpeg", width=320, height=240,
                         framerate=Fraction(FPS), bitrate=400_000)
         self.service = makeService(config, reactor=self.reactor, source=Source(),
                                    player=b"//")

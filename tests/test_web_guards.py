@@ -75,7 +75,7 @@ def fake_stats(reactor):
     stream = SimpleNamespace(turned_away=0, max_viewers=0)
     encoder = SimpleNamespace(process=None, restarts=0, frames_in=0, frames_dropped=0,
                               bytes_in=0, bytes_out=0, pictures_out=0, state="ok", why=None)
-    return Stats(reactor, Config(ffmpeg="/usr/bin/ffmpeg"), SimpleNamespace(name="file"),
+    return Stats(reactor, Config(codec="mpeg1", ffmpeg="/usr/bin/ffmpeg"), SimpleNamespace(name="file"),
                  encoder, fanout, stream)
 
 
@@ -99,7 +99,7 @@ def make(hosts=HostPolicy(allowed=["camera.example"], hostname=HOSTNAME), passwo
         checks = Checks(authenticator, hashing)
     factory = StreamFactory(stream_header(640, 480), reactor)
     factory.hosts = hosts  # the stream's own check of the handshake, where it has one
-    site = web.make_site(Config(ffmpeg="/usr/bin/ffmpeg"), factory, stats=stats,
+    site = web.make_site(Config(codec="mpeg1", ffmpeg="/usr/bin/ffmpeg"), factory, stats=stats,
                          player=b"//", authenticator=authenticator, reactor=reactor,
                          hosts=hosts)
     return SimpleNamespace(site=site, reactor=reactor, checks=checks)
