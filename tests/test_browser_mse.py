@@ -114,7 +114,7 @@ def test_the_page_plays_h264_through_mse_where_it_is_no_secure_context(browser, 
 
 def test_the_page_keeps_to_the_live_edge(browser, server):
     """Frozen for 3 s (a busy machine), the page shows a live picture
-    within a second of running again; over 8 s after, what it shows stays
+    soon after it runs again; over 4 s after, what it shows stays
     live and the <video>'s buffer stays small (bench/latency soaks longer)."""
     ctx, page = open_page(browser, insecure(server), init=SHOWN_AT)
     try:
@@ -125,7 +125,7 @@ def test_the_page_keeps_to_the_live_edge(browser, server):
                              "age !== null && age < 150)[0] - window.resumedAt")
         since = page.evaluate("window.shownAt.length")
         start = page.evaluate("performance.now()")
-        page.wait_for_function(f"() => performance.now() - {start} > 8000",
+        page.wait_for_function(f"() => performance.now() - {start} > 4000",
                                polling=1000, timeout=20_000)
         shown = page.evaluate(f"window.shownAt.slice({since})")
         seeks, resets = state(page, "seeks", "resets")
@@ -136,7 +136,7 @@ def test_the_page_keeps_to_the_live_edge(browser, server):
     # it that took 1.8 s once in 12 runs; bench/latency measures it alone
     # (5-14 ms after a 3 s freeze).
     assert live < 2500, live
-    assert len(shown) > 8 * 25, len(shown)  # 30 fps, a few lost at most
+    assert len(shown) > 4 * 25, len(shown)  # 30 fps, a few lost at most
     ages = sorted(age for _, age, _, _ in shown)
     median, p95 = ages[len(ages) // 2], ages[int(len(ages) * 0.95)]
     assert median < 100 and p95 < 200, (median, p95)
