@@ -285,6 +285,7 @@ class OnDemand(service.Service):
 
     def _stopped(self, _):
         self._stopping = None
+        log.info("MPEG-1 on demand: ffmpeg has stopped")
         # Its pictures are of no use to the next run's viewers.
         self.fanout.start_cache.reset()
         why, self._next_why = self._next_why, None
