@@ -41,8 +41,9 @@ ffmpeg and those it was too busy for.  The camera's section then has
 ``lores``: that stream's ``width``, ``height``, ``copying`` (whether its
 frames are copied out of the camera now: only while ffmpeg runs),
 ``frames`` (copied so far) and ``frames_dropped`` (not copied: the reactor
-had not taken the two before).  ``viewers`` and ``broadcast.turned_away`` count the viewers of both
-streams (``--max-viewers`` is one limit for both), and each viewer in
+had not taken the two before).  ``viewers`` and ``broadcast.turned_away``
+count the viewers of both streams (``--max-viewers`` is one limit for
+both), and each viewer in
 ``viewers.list`` says which it watches (``"stream": "h264"`` or
 ``"mpeg1"``).
 """
