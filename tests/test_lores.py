@@ -275,10 +275,10 @@ def test_the_camera_gives_lores_frames_only_while_they_are_wanted():
     assert out.units[0][1] and len(rig.encoders) == 1
 
 
-@pytest.mark.parametrize("camera", ["one stream only", "picamera2 before 0.3.12"])
+@pytest.mark.parametrize("camera", ["one stream only", "picamera2 before 0.3.10"])
 def test_a_camera_without_lores_records_h264_and_says_so(camera):
     rig = Rig(output_streams=1 if camera == "one stream only" else 2)
-    if camera == "picamera2 before 0.3.12":
+    if camera == "picamera2 before 0.3.10":
         # start_encoder had no name: only the encode stream could be encoded
         start_encoder = rig.picamera2.Picamera2.start_encoder
 
