@@ -482,7 +482,7 @@ def test_the_lores_command_reads_libcameras_layout_and_encodes_as_mpeg1_mode_doe
 
 # -- end to end --------------------------------------------------------------------
 
-GRACE = 1.0
+GRACE = 0.5
 
 
 def daemons_ffmpeg(daemon):
@@ -546,13 +546,13 @@ def test_a_ws_port_client_gets_the_cameras_lores_stream_while_h264_goes_on(tmp_p
             demo = websocket.create_connection(f"ws://127.0.0.1:{daemon.ws_port}/", timeout=10)
             try:
                 assert demo.recv() == stream_header(640, 360)
-                data = collect_pictures(demo, 20)
+                data = collect_pictures(demo, 12)
                 during = stats_of(daemon)
                 assert len(daemons_ffmpeg(daemon)) == 1
             finally:
                 demo.close()
             assert during["camera"]["lores"]["copying"] is True
-            assert during["mpeg1_on_demand"]["frames_in"] >= 15
+            assert during["mpeg1_on_demand"]["frames_in"] >= 12
 
             daemon.wait_for(r"MPEG-1 on demand: stopping ffmpeg pid", GRACE + 5)
             deadline = time.monotonic() + 5
@@ -568,7 +568,7 @@ def test_a_ws_port_client_gets_the_cameras_lores_stream_while_h264_goes_on(tmp_p
             h264.ws.close()
             h264.join(5)
     frames = decoded_frames(data, tmp_path)
-    assert len(frames) >= 15 and {(f["width"], f["height"]) for f in frames} == {(640, 360)}
+    assert len(frames) >= 10 and {(f["width"], f["height"]) for f in frames} == {(640, 360)}
     y, u, v = decode_last_picture(data, 640, 360, tmp_path)
     assert all(abs(got - want) < 8 for got, want in zip(
         quadrant_means(y, 640, 360),
