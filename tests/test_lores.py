@@ -36,7 +36,7 @@ from pistreaming.ondemand import STOP_AFTER, lores_command
 from tests.daemon import Daemon
 from tests.fake_picamera2 import (ENCODER_PROCESS_NAME, JUNK, QUADRANTS, U_HALVES, V_HALVES,
                                   Rig, flipped, scene, write_shims, yuv420_buffer)
-from tests.fakes.inmemory import Network
+from tests.fakes.inmemory import Network, RecordingPool
 from tests.helpers import collect_pictures
 from tests.test_camera_service_h264 import Pool
 from tests.test_service import ServiceCase, options
@@ -454,6 +454,30 @@ class LoresServiceTests(ServiceCase):
         assert [m for m in viewer.client.binary() if m[:4] == b"jsmp"][-1] == \
             stream_header(640, 360)
         assert len(self.flushLoggedErrors(RuntimeError)) == 2  # the camera's two failures
+
+    def test_with_codec_mpeg1_there_is_no_lores_stream_at_all(self):
+        from pistreaming.service import makeService
+        self.patch(camera_service, "ThreadPool", RecordingPool)  # raw frames: run(output, stop)
+        camera = LoresCamera()
+        camera.clock = self.reactor
+        self.service = makeService(options("--codec", "mpeg1", "--resolution", "960x540"),
+                                   reactor=self.reactor, source=camera, player=b"//")
+        self.start()
+        assert self.service.on_demand is None and self.service.camera.lores is None
+        assert RecordingPool.pools[-1].threads[-1].function == camera.run
+        assert "lores" not in self.figures()["camera"]
+        viewer = self.network = Network(self.service.site, self.reactor, port=8082)
+        assert viewer.connect(path="/stream?codec=mpeg1").client.binary() == [
+            stream_header(960, 540)]
+        # and the raw path's configuration asks for no second stream
+        rig = Rig()
+        picamera2 = rig.picamera2.Picamera2(0)
+        try:
+            source = Picamera2Source(rig.picamera2, rig.libcamera, Picture(960, 540, 30))
+            assert source.configuration(picamera2)["lores"] is None
+            assert source.configuration(picamera2, lores=True)["lores"]["size"] == (640, 360)
+        finally:
+            picamera2.close()
 
     def test_a_failed_ffmpeg_restarts_on_the_lores_frames_still_copied(self):
         self.build_camera()
