@@ -9,11 +9,25 @@ MPEG-TS cut where pictures begin, with the same limits as every viewer
 (Host, Origin, password, pending connections, slow and stuck viewers, and
 C{--max-viewers} counted over both streams together).
 
-How it is made: an ffmpeg child decodes the daemon's own H.264 and encodes
-it again as MPEG-1, at the same size, with the output arguments of
-C{--codec mpeg1} (L{pistreaming.encoder.output_args}):
+How it is made: an ffmpeg child encodes MPEG-1 with the output arguments
+of C{--codec mpeg1} (L{pistreaming.encoder.output_args}), from one of two
+inputs.  Where the camera gives a second, smaller stream of raw frames
+(picamera2's C{lores}: L{pistreaming.camera.picamera2_source.lores_size}),
+from those, at that size (the C{jsmp} header says it; the page's JSMpeg
+scales the picture to its canvas), copied out of the camera only while
+ffmpeg runs (L{lores_command}):
+
+    camera's lores stream -> (raw YUV420) -> ffmpeg -> (MPEG-TS) -> MPEG-1 fan-out
+
+Otherwise by decoding the daemon's own H.264, at its size
+(L{decode_command}):
 
     H.264 stage -> (access units) -> ffmpeg -> (MPEG-TS) -> MPEG-1 fan-out
+
+A camera with a lores stream says what it is (or that it has none after
+all) each time it starts (L{OnDemand.lores_stream}); until the first time,
+a viewer's ffmpeg waits.  The raw frames go as C{--codec mpeg1}'s do: one
+whole frame in the pipe at most, the others dropped and counted.
 
 It runs only while at least one MPEG-1 viewer is connected: started when
 the first arrives, stopped L{STOP_AFTER} seconds after the last leaves (a
@@ -45,6 +59,7 @@ again.
 """
 
 import collections
+import struct
 
 from twisted.application import service
 from twisted.internet import defer
@@ -88,6 +103,25 @@ def decode_command(ffmpeg, framerate, bitrate):
     ]
 
 
+def lores_command(ffmpeg, framerate, bitrate, size, stride):
+    """The ffmpeg argument list (argv[0] included): raw YUV420 frames of a
+    camera's second, smaller stream on stdin, as libcamera lays them out
+    (C{size} = (width, height); rows of C{stride} bytes in the Y plane and
+    half that in U and V, no padding rows: the layout of yuv420p
+    C{stride} pixels wide, whose surplus is cropped), MPEG-1 in MPEG-TS out
+    at that size, as C{--codec mpeg1} makes it."""
+    width, height = size
+    command = [
+        ffmpeg, "-hide_banner", "-nostdin", "-loglevel", "error",
+        # read as the raw frames of --codec mpeg1 are (pistreaming.encoder.raw_input)
+        "-f", "rawvideo", "-pix_fmt", "yuv420p", "-video_size", f"{stride}x{height}",
+        "-framerate", rate_text(framerate), "-i", "pipe:0",
+    ]
+    if stride != width:
+        command += ["-vf", f"crop={width}:{height}:0:0"]
+    return command + output_args(framerate, bitrate, codec="mpeg1")
+
+
 def decoder_input(message):
     """What ffmpeg is given of one message of the H.264 stream (its flags
     and capture time, then the access unit): the access unit without its
@@ -107,16 +141,22 @@ def decoder_input(message):
 
 
 class OnDemandEncoder(Encoder):
-    """An L{Encoder} that makes MPEG-1 of the H.264 stream: fed the H.264
-    fan-out's chunks (L{feed_h264}), it hands MPEG-1 chunks to C{sink}.  It
-    is started and stopped by L{OnDemand}, as often as viewers come and go."""
+    """An L{Encoder} that makes MPEG-1 for viewers that cannot play H.264:
+    of the H.264 stream, fed the H.264 fan-out's chunks (L{feed_h264}), or,
+    after L{set_input} with a camera's second, smaller stream, of its raw
+    frames (L{feed_lores}); it hands MPEG-1 chunks to C{sink}.  It is
+    started and stopped by L{OnDemand}, as often as viewers come and go."""
 
     what = "MPEG-1 on demand"
 
     def __init__(self, command, sink, reactor, start_cache, framerate=30,
-                 request_keyframe=None, on_state=None, max_behind=MAX_BEHIND):
+                 request_keyframe=None, on_state=None, max_behind=MAX_BEHIND,
+                 lores_command=None):
         """
         @param command: L{decode_command}'s.
+        @param lores_command: called with (size, stride) of a camera's
+            second, smaller stream, gives the command that encodes its raw
+            frames (L{lores_command}, the other arguments given).
         @param sink: called with each L{pistreaming.mpegts.Chunk} of MPEG-1.
         @param start_cache: called with no arguments, gives the H.264
             chunks a decoder needs first (the latest keyframe's and every one
@@ -127,6 +167,16 @@ class OnDemandEncoder(Encoder):
         """
         super().__init__(command, sink, reactor, framerate=framerate, timings=self._timed,
                          reads_stdin=True, frame_size=None, on_state=on_state, codec="mpeg1")
+        self.decode_command = list(command)
+        self.lores_command = lores_command
+        #: The camera's second, smaller stream, ((width, height), stride),
+        #: when that is the input; None: the H.264 is.
+        self.lores = None
+        #: H.264 access units written to ffmpeg, and dropped (while waiting
+        #: for a keyframe, or while it was behind).  (Raw frames count in
+        #: C{frames_in} and C{frames_dropped}.)
+        self.access_units_in = 0
+        self.access_units_dropped = 0
         self.start_cache = start_cache
         self.request_keyframe = request_keyframe
         self.max_behind = max_behind
@@ -140,22 +190,44 @@ class OnDemandEncoder(Encoder):
         #: Times ffmpeg fell behind (access units dropped to a keyframe).
         self.fell_behind = 0
 
+    def set_input(self, lores=None):
+        """What the next ffmpeg started is given: the raw frames of the
+        camera's second, smaller stream, C{lores} = ((width, height),
+        stride), or with None the H.264 (a running one is not changed)."""
+        self.lores = lores
+        if lores is None:
+            self.command, self.frame_size = list(self.decode_command), None
+            return
+        (width, height), stride = lores
+        self.command = list(self.lores_command((width, height), stride))
+        # The pipe is made to hold one whole frame (grow_pipe).
+        self.frame_size = stride * height + 2 * (stride // 2) * (height // 2)
+
+    def feed_lores(self, frame, captured_at=None):
+        """One raw frame of the camera's second, smaller stream: written to
+        ffmpeg if it has taken the last one, else dropped (and counted).
+        Ignored unless that stream is the input and ffmpeg runs."""
+        if self.lores is None or not self.running:
+            return
+        self.feed(frame, captured_at)
+
     def feed_h264(self, chunk):
         """One chunk of the H.264 fan-out (L{pistreaming.h264.H264Stream}'s:
         its data is the stream's message): written to ffmpeg, or dropped
-        while waiting for a keyframe.  Ignored while no ffmpeg runs."""
+        while waiting for a keyframe.  Ignored while no ffmpeg runs, and
+        while the input is a camera's raw frames."""
         proto = self.process
-        if proto is None or not proto.writable:
+        if proto is None or not proto.writable or self.lores is not None:
             return
         self._write(proto, chunk, self.reactor.seconds())
 
     def _write(self, proto, chunk, now, starting=False):
         if self.skipping and not chunk.keyframe:
-            self.frames_dropped += 1
+            self.access_units_dropped += 1
             return
         in_flight = proto.in_flight
         if not starting and in_flight and now - in_flight[0][2] > self.max_behind:
-            self.frames_dropped += 1
+            self.access_units_dropped += 1
             if not self.skipping:
                 self.skipping = True
                 self.fell_behind += 1
@@ -171,7 +243,7 @@ class OnDemandEncoder(Encoder):
         proto.frames_written += 1
         if len(in_flight) > IN_FLIGHT_LIMIT:
             in_flight.popleft()
-        self.frames_in += 1
+        self.access_units_in += 1
         self.bytes_in += len(data)
 
     def _timed(self, captured_at, written_at, out_at):
@@ -183,6 +255,8 @@ class OnDemandEncoder(Encoder):
         self.start_reason = None
         log.info("MPEG-1 on demand: ffmpeg pid {pid} started ({why}): {command}",
                  pid=proto.transport.pid, why=why, command=" ".join(self.command))
+        if self.lores is not None:
+            return  # raw frames: each is whole, the next one will do
         # What a decoder needs first, whole, however full the pipe gets.
         proto.in_flight = collections.deque()
         self.skipping = True
@@ -213,7 +287,9 @@ class OnDemandFactory(StreamFactory):
 
 
 class OnDemand(service.Service):
-    """Runs the L{OnDemandEncoder} while the MPEG-1 stream has viewers."""
+    """Runs the L{OnDemandEncoder} while the MPEG-1 stream has viewers, on
+    the input there is: the H.264, or a camera's second, smaller stream
+    (L{expect_lores}, L{lores_stream})."""
 
     name = "mpeg1-on-demand"
 
@@ -231,6 +307,15 @@ class OnDemand(service.Service):
         factory.on_demand = self
         #: Times the encoder was started for viewers.
         self.starts = 0
+        #: What ffmpeg encodes: "h264" (decoded), "lores" (a camera's raw
+        #: frames), or None while a camera that may give those has not yet
+        #: said whether it does (a viewer's ffmpeg then waits).
+        self.input = "h264"
+        #: The H.264 pictures' size, when known.
+        self.h264_size = None
+        #: Called with True when the camera's raw frames are wanted, False
+        #: when they are not any more (L{expect_lores}).
+        self.want_frames = None
         self._stop_call = None
         self._stopping = None  # a Deferred while ffmpeg is being stopped
         self._next_why = None
@@ -263,17 +348,84 @@ class OnDemand(service.Service):
         if not self.fanout.viewers:
             self._stop(f"no MPEG-1 viewer for {self.stop_after:g}s")
 
+    # the input
+    def expect_lores(self, size, want_frames):
+        """The camera may give a second, smaller stream of C{size} (width,
+        height): the MPEG-1 stream's header says that size at once, and no
+        ffmpeg starts until the camera says what it gives
+        (L{lores_stream}).  C{want_frames} is called with True when its
+        frames are wanted (ffmpeg starts), with False when they are not any
+        more (ffmpeg stops)."""
+        self.input = None
+        self.want_frames = want_frames
+        self._set_header(*size)
+
+    def lores_stream(self, size, stride):
+        """What the camera gives (each time it starts): a second, smaller
+        stream of C{size} (width, height), C{stride} bytes a row of its Y
+        plane; or, with None, none after all (then the H.264 is decoded).
+        A running ffmpeg whose input changes is started again."""
+        lores = ((tuple(size), stride) if size is not None else None)
+        kind = "lores" if lores is not None else "h264"
+        if kind == self.input and lores == self.encoder.lores:
+            return
+        self.input = kind
+        self.encoder.set_input(lores)
+        if lores is not None:
+            why = "the camera's second, smaller stream, {}x{}".format(*size)
+            self._set_header(*size)
+        else:
+            why = "the H.264, decoded"
+            if self.h264_size is not None:
+                self._set_header(*self.h264_size)
+        log.info("MPEG-1 on demand: made of {what}", what=why)
+        self._input_changed(f"made of {why} now")
+
+    def lores_frame(self, frame, captured_at):
+        """One raw frame of the camera's second, smaller stream."""
+        self.encoder.feed_lores(frame, captured_at)
+
+    def _input_changed(self, why):
+        """The input or the size changed: a running ffmpeg is started again
+        (it cannot change either), and a viewer waiting for the input gets
+        one."""
+        if self.encoder.running and self._stopping is None:
+            self._next_why = why
+            self._stop(why)
+        elif self.running and self.fanout.viewers and not self.encoder.running:
+            self._start(self._next_why or "an MPEG-1 viewer is watching")
+
+    @property
+    def size(self):
+        """The MPEG-1 pictures' size, as the stream's header says it."""
+        header = self.fanout.header
+        if header is None or len(header) != 8:
+            return None
+        return struct.unpack(">HH", header[4:])
+
+    def _set_header(self, width, height):
+        header = stream_header(width, height)
+        if header != self.fanout.header:
+            self.fanout.set_header(header)
+
     # the encoder
     def _start(self, why):
-        if self._stopping is not None:
-            self._next_why = why  # started again once the last one is gone
+        if self._stopping is not None or self.input is None:
+            # started again once the last one is gone, or once the camera
+            # has said what it gives
+            self._next_why = why
             return
+        self._next_why = None
         self.starts += 1
+        if self.input == "lores" and self.want_frames is not None:
+            self.want_frames(True)
         self.encoder.start_reason = why
         self.encoder.startService()
 
     def _stop(self, why):
         encoder = self.encoder
+        if self.want_frames is not None:
+            self.want_frames(False)
         if not encoder.running:
             return defer.succeed(None)
         process = encoder.process
@@ -293,17 +445,15 @@ class OnDemand(service.Service):
             self._start(why or "an MPEG-1 viewer is watching")
 
     def set_size(self, width, height):
-        """The H.264 pictures are C{width}x{height} (again, or now): the
-        MPEG-1 stream's header says so, and a running ffmpeg, whose
-        MPEG-1 encoder cannot change its size, is started again."""
-        header = stream_header(width, height)
-        if header == self.fanout.header:
+        """The H.264 pictures are C{width}x{height} (again, or now).  When
+        they are what ffmpeg decodes, the MPEG-1 stream's header says so,
+        and a running ffmpeg, whose MPEG-1 encoder cannot change its size,
+        is started again."""
+        self.h264_size = (width, height)
+        if self.input != "h264" or stream_header(width, height) == self.fanout.header:
             return
-        self.fanout.set_header(header)
-        if self.encoder.running and self._stopping is None:
-            why = f"the pictures are {width}x{height} now"
-            self._next_why = why
-            self._stop(why)
+        self._set_header(width, height)
+        self._input_changed(f"the pictures are {width}x{height} now")
 
     # the service
     def stopService(self):
@@ -323,6 +473,7 @@ class OnDemand(service.Service):
         starts, restarts, pictures."""
         encoder = self.encoder
         process = encoder.process
+        size = self.size
         return {
             "running": self.encoding,
             "state": encoder.state if self.encoding else "stopped",
@@ -333,8 +484,13 @@ class OnDemand(service.Service):
             "turned_away": self.factory.turned_away,
             "starts": self.starts,
             "restarts": encoder.restarts,
-            "access_units_in": encoder.frames_in,
-            "access_units_dropped": encoder.frames_dropped,
+            "input": self.input,
+            "width": size[0] if size else None,
+            "height": size[1] if size else None,
+            "access_units_in": encoder.access_units_in,
+            "access_units_dropped": encoder.access_units_dropped,
+            "frames_in": encoder.frames_in,
+            "frames_dropped": encoder.frames_dropped,
             "fell_behind": encoder.fell_behind,
             "pictures_out": encoder.pictures_out,
             "bytes_out": encoder.bytes_out,

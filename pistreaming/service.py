@@ -15,8 +15,15 @@ the stream's own port) get MPEG-1, made of the H.264 by an ffmpeg that runs
 only while one of them watches (pistreaming.ondemand):
 
     H.264 stage -> on-demand ffmpeg -> MPEG-1 broadcaster -> those viewers
+
+A camera that also gives a second, smaller stream of raw frames (picamera2's
+lores) feeds that ffmpeg with them instead, at their size, and only while it
+runs:
+
+    camera's lores stream (thread) -> on-demand ffmpeg -> MPEG-1 broadcaster
 """
 
+import functools
 import json
 
 from twisted.application import service
@@ -36,7 +43,8 @@ from pistreaming.hosts import HostPolicy
 from pistreaming.listening import listen_service, raise_file_limit
 from pistreaming.memory import Collector
 from pistreaming import ondemand
-from pistreaming.ondemand import OnDemand, OnDemandEncoder, OnDemandFactory, decode_command
+from pistreaming.ondemand import (OnDemand, OnDemandEncoder, OnDemandFactory, decode_command,
+                                  lores_command)
 from pistreaming.stats import PictureTimes, Stats
 from pistreaming.web import make_site
 
@@ -102,15 +110,23 @@ class Pistream(service.MultiService):
                     self.mpeg1_fanout.broadcast, reactor,
                     start_cache=lambda: [chunk for chunk, _ in self.fanout.start_cache.chunks],
                     framerate=config.framerate, request_keyframe=self._request_keyframe,
-                    on_state=self._mpeg1_encoder_state),
+                    on_state=self._mpeg1_encoder_state,
+                    lores_command=functools.partial(lores_command, config.ffmpeg,
+                                                    config.framerate, config.bitrate)),
                 self.mpeg1_factory, reactor, stop_after=ondemand.STOP_AFTER)
         self.encoder = None
         self.camera = None
         if h264 and getattr(source, "encodes_h264", False):
-            # The camera's own encoder: no ffmpeg, no raw frame in Python.
+            # The camera's own encoder: no ffmpeg, no raw frame in Python
+            # (but those of its second, smaller stream, if it has one, while
+            # an MPEG-1 viewer watches).
+            lores_size = getattr(source, "lores_size", None)
             self.camera = CameraService(source, geometry.frame_size, self._camera_picture,
                                         reactor, on_state=self._camera_state,
-                                        h264=Encoding.of(config))
+                                        h264=Encoding.of(config),
+                                        lores=self.on_demand if lores_size else None)
+            if lores_size:
+                self.on_demand.expect_lores(lores_size, self.camera.want_lores)
         else:
             # A source ffmpeg reads itself says how; the others hand raw frames over.
             video_input = (source.ffmpeg_input(config.codec) if hasattr(source, "ffmpeg_input")

@@ -32,8 +32,18 @@ stream made of the H.264 for viewers that cannot play it
 ``restarts`` (after failures), ``access_units_in``,
 ``access_units_dropped``, ``fell_behind``, ``pictures_out`` and
 ``latency_ms`` (from an access unit into ffmpeg to its MPEG-1 picture
-out).  ``viewers`` and ``broadcast.turned_away`` count the viewers of both
-streams (``--max-viewers`` is one limit for both), and each viewer in
+out); ``input``, what ffmpeg encodes: ``"h264"`` (the H.264, decoded) or
+``"lores"`` (the raw frames of the camera's second, smaller stream), or
+``null`` until a camera that may give those has said whether it does;
+``width`` and ``height``, the MPEG-1 pictures' size (the ``jsmp``
+header's); ``frames_in`` and ``frames_dropped``, the raw frames written to
+ffmpeg and those it was too busy for.  The camera's section then has
+``lores``: that stream's ``width``, ``height``, ``copying`` (whether its
+frames are copied out of the camera now: only while ffmpeg runs),
+``frames`` (copied so far) and ``frames_dropped`` (not copied: the reactor
+had not taken the two before).  ``viewers`` and ``broadcast.turned_away``
+count the viewers of both streams (``--max-viewers`` is one limit for
+both), and each viewer in
 ``viewers.list`` says which it watches (``"stream": "h264"`` or
 ``"mpeg1"``).
 """
@@ -188,13 +198,17 @@ class Stats(TimerService):
                 "frames_dropped": 0,
                 "failures": encoder.restarts,
             }
-        return {
+        figures = {
             "source": camera.source.name,
             "state": camera.state,
             "frames_captured": camera.frames_captured,
             "frames_dropped": camera.frames_dropped,
             "failures": camera.failures,
         }
+        lores = camera.lores_figures() if hasattr(camera, "lores_figures") else None
+        if lores is not None:
+            figures["lores"] = lores
+        return figures
 
     def _encoder(self):
         encoder, camera = self.encoder, self.camera

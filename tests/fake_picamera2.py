@@ -25,6 +25,25 @@ the daemon could trip over it:
   thread.  A YUV420 buffer is ``stride * height * 3 // 2`` bytes: the Y plane
   with ``stride`` bytes a row, then U and V with ``stride // 2``; the bytes
   past the picture in each row are junk (0xEE), as they may be on a camera.
+- The second, smaller stream, ``lores`` (``create_video_configuration(lores=
+  {"size": ..., "format": ...})``), checked as picamera2 checks it: the keys
+  it knows, sizes trimmed to even, ``preserve_ar`` False by default (the
+  main stream's field of view scaled into it), not larger than the main
+  stream ("lores stream dimensions may not exceed main stream"), YUV on a
+  Pi up to the 4 ("lores stream must be YUV"); then, as libcamera does,
+  clamped to the main stream's size if the main one was adjusted, and given
+  its own ``stride`` (the width aligned as the main stream's) and
+  ``framesize``.  Its pictures are the scene drawn at its size, only when
+  something maps them (``Rig.lores_drawn`` counts those).  ``Rig(
+  output_streams=1)`` is a camera whose libcamera gives one processed
+  stream only: asking for ``lores`` too is then "Invalid camera
+  configuration".
+- picamera2's null encoder (``picamera2.encoders.Encoder``, the base class),
+  started on any stream (``start_encoder(encoder, output, name="lores")``,
+  also while the camera runs): its ``outputframe`` is given the stream's
+  buffer itself, the camera's memory, valid only while the call lasts
+  (here a memoryview that is released when it returns, so an output that
+  keeps it without copying fails loudly instead of reading later frames).
 - ``stop``, ``close``.
 - The H.264 encoder (``picamera2.encoders.H264Encoder``, ``Output`` and
   ``FileOutput`` in ``picamera2.outputs``, ``start_encoder`` /
@@ -37,6 +56,7 @@ configured flips, so tests can tell exactly what a consumer must make of it.
 """
 
 import collections
+import contextlib
 import enum
 import io
 import json
@@ -49,6 +69,7 @@ import threading
 import time
 import types
 from concurrent.futures import Future
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +145,7 @@ class Rig:
     """What is plugged in and how its libcamera behaves; makes the modules."""
 
     def __init__(self, cameras=1, stride_align=64, adjust_size=None, model="imx708", usb=0,
-                 pi5=False, picture="scene", ffmpeg="ffmpeg"):
+                 pi5=False, picture="scene", ffmpeg="ffmpeg", output_streams=2):
         """
         @param cameras: how many Raspberry Pi cameras (CSI) are attached, and
         @param usb: how many USB webcams, listed first (libcamera lists those too).
@@ -136,12 +157,16 @@ class Rig:
             captures then get the same moving picture (a short loop of it,
             made once), so that a raw path has as much to encode.
         @param ffmpeg: the ffmpeg that plays the H.264 encoder.
+        @param output_streams: how many processed (YUV or RGB) streams
+            libcamera gives at once: 2 (main and lores) on a Raspberry Pi
+            camera; 1 is a camera that cannot give a second, smaller stream.
         """
         if picture not in ("scene", "lavfi"):
             raise ValueError(f"picture must be 'scene' or 'lavfi', not {picture!r}")
         self.pi5 = pi5
         self.picture = picture
-        self._moving_picture = None
+        self.output_streams = output_streams
+        self._moving_pictures = {}
         self.ffmpeg = ffmpeg
         #: Every H.264 encoder started, in order.
         self.encoders = []
@@ -168,6 +193,9 @@ class Rig:
         self.frames = 0
         #: Frames whose pixels were drawn (asked for by a capture or an encoder).
         self.drawn = 0
+        #: Frames of the lores stream whose pixels were drawn (mapped by a
+        #: capture or an encoder).
+        self.lores_drawn = 0
         #: Captures asked for (capture_buffer, _array, _request), done or not.
         self.captures_asked = 0
         self.picamera2 = types.ModuleType("picamera2")
@@ -194,7 +222,7 @@ class Rig:
         """With picture="lavfi": the loop of frames raw captures are copies
         of, laid out as libcamera's buffers (C{key}: width, height, hflip,
         vflip, stride), so that a raw path encodes a moving picture too."""
-        if self._moving_picture is None or self._moving_picture[0] != key:
+        if key not in self._moving_pictures:
             width, height, hflip, vflip, stride = key
             rate = 1e6 / frame_us
             raw = subprocess.run(
@@ -210,8 +238,8 @@ class Rig:
                 u = data[width * height:width * height * 5 // 4].reshape(height // 2, width // 2)
                 v = data[width * height * 5 // 4:].reshape(height // 2, width // 2)
                 frames.append(yuv420_buffer(flipped((y, u, v), hflip, vflip), stride))
-            self._moving_picture = (key, frames)
-        return self._moving_picture[1]
+            self._moving_pictures[key] = frames
+        return self._moving_pictures[key]
 
     def import_module(self, name):
         """importlib.import_module for a machine where this is installed."""
@@ -308,9 +336,11 @@ class Job:
 class CompletedRequest:
     """picamera2.request.CompletedRequest: holds its buffer until released."""
 
-    def __init__(self, camera, buffer, config, sensor_timestamp_ns=0, frame_duration_us=0):
+    def __init__(self, camera, buffer, config, sensor_timestamp_ns=0, frame_duration_us=0,
+                 lores=None):
         self.picam2 = camera
         self._buffer = buffer  # an array, a function that draws it, or None once released
+        self._lores = lores  # the same, of the lores stream (None: no such stream)
         self.config = config
         self.ref_count = 1
         self._metadata = {"SensorTimestamp": sensor_timestamp_ns,
@@ -325,6 +355,34 @@ class CompletedRequest:
             self._buffer = self._buffer()
         return self._buffer
 
+    def _stream_pixels(self, name):
+        """The named stream's buffer (drawn when first asked for), or None
+        once released (or when the camera failed to fill it)."""
+        if self.config.get(name) is None:
+            raise RuntimeError(f"Stream {name!r} is not defined")
+        if name == "main":
+            return self._pixels()
+        if name != "lores":
+            raise RuntimeError(f"the fake has no {name!r} stream")
+        if self._buffer is None:
+            return None
+        if callable(self._lores):
+            self._lores = self._lores()
+        return self._lores
+
+    @contextlib.contextmanager
+    def _mapped(self, name):
+        """The named stream's buffer as picamera2's _MappedBuffer gives it:
+        the camera's memory itself, for the length of the block."""
+        pixels = self._stream_pixels(name)
+        if pixels is None:
+            raise RuntimeError("failed to find buffer")
+        view = memoryview(pixels)
+        try:
+            yield view
+        finally:
+            view.release()
+
     def acquire(self):
         with self.picam2._lock:
             if self.ref_count == 0:
@@ -338,13 +396,11 @@ class CompletedRequest:
                 raise RuntimeError("CompletedRequest: lock now has negative ref_count")
             if self.ref_count == 0:
                 self.picam2._free_buffers += 1
-                self._buffer = None
+                self._buffer = self._lores = None
                 self.picam2._lock.notify_all()
 
     def make_buffer(self, name):
-        if name != "main":
-            raise RuntimeError(f"Stream {name!r} is not defined")
-        pixels = self._pixels()
+        pixels = self._stream_pixels(name)
         if pixels is None:
             raise RuntimeError("Camera frontend has timed out!")
         return np.array(pixels, dtype=np.uint8)  # a copy, as the real one
@@ -353,6 +409,11 @@ class CompletedRequest:
         stream = self.config[name]
         width, height = stream["size"]
         return self.make_buffer(name).reshape((height * 3 // 2, stream["stride"]))
+
+
+#: picamera2.formats: the YUV formats, and the RGB ones.
+_YUV_FORMATS = ("NV21", "NV12", "YUV420", "YVU420", "YVYU", "YUYV", "UYVY", "VYUY")
+_RGB_FORMATS = ("BGR888", "RGB888", "XBGR8888", "XRGB8888", "RGB161616", "BGR161616")
 
 
 class Picamera2:
@@ -380,7 +441,7 @@ class Picamera2:
         self._thread = None
         self._running = False
         self._encoders = set()
-        self._drawn_scene = None
+        self._drawn_scenes = {}
         self.encode_stream_name = None
         # The sensor's limits (FrameDurationLimits: min, max, default in us).
         self.camera_ctrl_info = {"FrameDurationLimits": (
@@ -388,24 +449,38 @@ class Picamera2:
 
     # -- configuration ---------------------------------------------------
 
+    @staticmethod
+    def _stream_config(stream, updates):
+        """picamera2's _make_initial_stream_config, then align_stream(optimal=False)."""
+        if updates is None:
+            return None
+        valid = ("format", "size", "stride", "preserve_ar")
+        for key, value in updates.items():
+            if key not in valid:
+                raise ValueError(f"Bad key {key!r}: valid stream configuration keys are {valid}")
+            stream[key] = value
+        width, height = stream["size"]
+        stream["size"] = (width - width % 2, height - height % 2)
+        return stream
+
     def create_video_configuration(self, main={}, lores=None, raw={}, transform=Transform(),
                                    colour_space=None, buffer_count=6, controls={},
                                    display="main", encode="main", queue=True):
         if not self.is_open:
             raise RuntimeError("Camera not opened")
-        stream = {"format": "XBGR8888", "size": (1280, 720)}
-        for key, value in main.items():
-            if key not in ("format", "size"):
-                raise ValueError(
-                    f"Bad key {key!r}: valid stream configuration keys are ('format', 'size')")
-            stream[key] = value
-        width, height = stream["size"]
-        stream["size"] = (width - width % 2, height - height % 2)
+        stream = self._stream_config(
+            {"format": "XBGR8888", "size": (1280, 720), "preserve_ar": True}, main)
+        lores = self._stream_config(
+            {"format": "YUV420", "size": stream["size"], "preserve_ar": False}, lores)
         controls = {"NoiseReductionMode": 1, "FrameDurationLimits": (33333, 33333)} | controls
-        return {"use_case": "video", "transform": transform, "colour_space": colour_space,
-                "buffer_count": buffer_count, "queue": queue, "main": stream,
-                "lores": lores, "raw": None, "controls": controls,
-                "display": display, "encode": encode}
+        config = {"use_case": "video", "transform": transform, "colour_space": colour_space,
+                  "buffer_count": buffer_count, "queue": queue, "main": stream,
+                  "lores": lores, "raw": None, "controls": controls}
+        for role, name in (("Display", display), ("Encode", encode)):
+            if name is not None and config.get(name) is None:
+                raise RuntimeError(f"{role} stream {name} was not defined")
+        config.update(display=display, encode=encode)
+        return config
 
     def configure(self, camera_config="preview"):
         if self.started:
@@ -416,28 +491,63 @@ class Picamera2:
             raise RuntimeError("Transform has incorrect type")
         config = dict(camera_config)
         stream = dict(config["main"])
-        if stream["format"] not in ("YUV420", "YVU420", "XBGR8888", "XRGB8888",
-                                    "BGR888", "RGB888"):
-            raise RuntimeError(f"Bad format {stream['format']} in stream main")
-        size = stream["size"]
-        if not isinstance(size, tuple) or len(size) != 2:
-            raise RuntimeError("size in main stream should be (width, height)")
-        if size[0] % 2 or size[1] % 2:
-            raise RuntimeError("width and height should be even")
-        width, height = self.rig.adjust_size(size)
+        self._check_stream(stream, "main")
+        lores = config.get("lores")
+        if lores is not None:
+            # picamera2's check_camera_config
+            lores = dict(lores)
+            self._check_stream(lores, "lores")
+            (main_w, main_h), (lores_w, lores_h) = stream["size"], lores["size"]
+            if lores_w > main_w or lores_h > main_h:
+                raise RuntimeError("lores stream dimensions may not exceed main stream")
+            if not self.rig.pi5 and lores["format"] not in _YUV_FORMATS:
+                raise RuntimeError("lores stream must be YUV")
+            if self.rig.output_streams < 2:
+                # libcamera: CameraConfiguration::validate() says Invalid
+                raise RuntimeError(f"Invalid camera configuration: {camera_config}")
+        width, height = self.rig.adjust_size(stream["size"])
         stream["format"] = self.rig.format or stream["format"]
-        if stream["format"] in ("YUV420", "YVU420"):
-            stride = -(-width // self.rig.stride_align) * self.rig.stride_align
-            framesize = stride * height * 3 // 2
-        else:
-            bpp = {"XBGR8888": 4, "XRGB8888": 4, "BGR888": 3, "RGB888": 3}.get(stream["format"], 2)
-            stride = -(-width * bpp // self.rig.stride_align) * self.rig.stride_align
-            framesize = stride * height
-        stream.update(size=(width, height), stride=stride, framesize=framesize)
+        self._fill_in(stream, width, height)
         config["main"] = stream
+        if lores is not None:
+            # libcamera (the Pi's pipeline handlers): the second stream is
+            # no larger than the first in either dimension.
+            lores_w, lores_h = lores["size"]
+            self._fill_in(lores, min(lores_w, width), min(lores_h, height))
+            config["lores"] = lores
         self.camera_config = config
         self.encode_stream_name = config["encode"]
         self.rig.configurations.append(config)
+
+    @staticmethod
+    def _check_stream(stream, name):
+        """picamera2's check_stream_config."""
+        if not isinstance(stream, dict):
+            raise RuntimeError(name + " stream should be a dictionary")
+        for key in ("format", "size"):
+            if key not in stream:
+                raise RuntimeError(f"{key} not found in {name} stream")
+        if not isinstance(stream["format"], str):
+            raise RuntimeError("format in " + name + " stream should be a string")
+        if stream["format"] not in _YUV_FORMATS + _RGB_FORMATS + ("MJPEG",):
+            raise RuntimeError(f"Bad format {stream['format']} in stream {name}")
+        size = stream["size"]
+        if not isinstance(size, tuple) or len(size) != 2:
+            raise RuntimeError(f"size in {name} stream should be (width, height)")
+        if size[0] % 2 or size[1] % 2:
+            raise RuntimeError("width and height should be even")
+
+    def _fill_in(self, stream, width, height):
+        """What libcamera fills in: the size it gives, the stride, the frame size."""
+        align = self.rig.stride_align
+        if stream["format"] in ("YUV420", "YVU420"):
+            stride = -(-width // align) * align
+            framesize = stride * height * 3 // 2
+        else:
+            bpp = {"XBGR8888": 4, "XRGB8888": 4, "BGR888": 3, "RGB888": 3}.get(stream["format"], 2)
+            stride = -(-width * bpp // align) * align
+            framesize = stride * height
+        stream.update(size=(width, height), stride=stride, framesize=framesize)
 
     def camera_configuration(self):
         return self.camera_config
@@ -545,31 +655,42 @@ class Picamera2:
                 job.signal()
 
     def _capture(self, width, height, transform, config):
-        number, stride = self.rig.frames, config["main"]["stride"]
+        number = self.rig.frames
 
-        def draw():
-            self.rig.drawn += 1
-            key = (width, height, transform.hflip, transform.vflip, stride)
-            if self.rig.picture == "lavfi":
-                # The moving picture the encoder makes itself, for raw captures too.
-                loop = self.rig.moving_picture(key, config["controls"]["FrameDurationLimits"][0])
-                return loop[number % len(loop)].copy()
-            # The scene of frame 0, drawn once, with this frame's number written in.
-            if self._drawn_scene is None or self._drawn_scene[0] != key:
-                planes = flipped(scene(width, height, 0), transform.hflip, transform.vflip)
-                self._drawn_scene = (key, yuv420_buffer(planes, stride))
-            buffer = self._drawn_scene[1].copy()
-            luma = buffer[:stride * height].reshape(height, stride)
-            digits = np.frombuffer((number % 2**32).to_bytes(4, "little"), np.uint8)
-            row = height - 1 if transform.vflip else 0
-            if transform.hflip:
-                luma[row, width - 4:width] = digits[::-1]
-            else:
-                luma[row, :4] = digits
-            return buffer
+        def drawer(name):
+            stream = config[name]
+            (width, height), stride = stream["size"], stream["stride"]
 
-        request = CompletedRequest(self, draw, config, boottime_us() * 1000,
-                                   config["controls"]["FrameDurationLimits"][0])
+            def draw():
+                if name == "main":
+                    self.rig.drawn += 1
+                else:
+                    self.rig.lores_drawn += 1
+                key = (width, height, transform.hflip, transform.vflip, stride)
+                if self.rig.picture == "lavfi":
+                    # The moving picture the encoder makes itself, for raw captures too.
+                    loop = self.rig.moving_picture(
+                        key, config["controls"]["FrameDurationLimits"][0])
+                    return loop[number % len(loop)].copy()
+                # The scene of frame 0 (the whole field of view, at this
+                # stream's size), drawn once, with this frame's number written in.
+                if key not in self._drawn_scenes:
+                    planes = flipped(scene(width, height, 0), transform.hflip, transform.vflip)
+                    self._drawn_scenes[key] = yuv420_buffer(planes, stride)
+                buffer = self._drawn_scenes[key].copy()
+                luma = buffer[:stride * height].reshape(height, stride)
+                digits = np.frombuffer((number % 2**32).to_bytes(4, "little"), np.uint8)
+                row = height - 1 if transform.vflip else 0
+                if transform.hflip:
+                    luma[row, width - 4:width] = digits[::-1]
+                else:
+                    luma[row, :4] = digits
+                return buffer
+            return draw
+
+        request = CompletedRequest(self, drawer("main"), config, boottime_us() * 1000,
+                                   config["controls"]["FrameDurationLimits"][0],
+                                   lores=drawer("lores") if config.get("lores") else None)
         if self.rig.fail_after is not None and self.rig.frames >= self.rig.fail_after:
             request._buffer = None  # make_buffer will fail, as on a camera error
         return request
@@ -691,7 +812,7 @@ class Picamera2:
         request.ref_count -= 1
         if request.ref_count == 0:
             self._free_buffers += 1
-            request._buffer = None
+            request._buffer = request._lores = None
 
     def capture_buffer(self, name="main", wait=None, signal_function=None):
         self.rig.captures_asked += 1
@@ -1190,8 +1311,10 @@ class Encoder:
         self.frames_encoded += 1
 
     def _encode(self, stream, request):
-        self.outputframe(request.make_buffer("main"), keyframe=True,
-                         timestamp=self._timestamp(request))
+        # The buffer itself, as upstream (_MappedBuffer): only for the call.
+        timestamp_us = self._timestamp(request)
+        with request._mapped(stream) as buffer:
+            self.outputframe(buffer, keyframe=True, timestamp=timestamp_us)
 
     def start(self, quality=None):
         with self._lock:
@@ -1206,7 +1329,18 @@ class Encoder:
             self._start()
 
     def _start(self):
-        pass
+        for out in self._output:
+            self._send_streams(out)
+
+    def _send_streams(self, output):
+        table = {"YUV420": "yuv420p", "BGR888": "rgb24", "RGB888": "bgr24", "XBGR8888": "rgba",
+                 "XRGB8888": "bgra"}
+        pix_fmt = table.get(self._format)
+        rate = Fraction(1000000, self._framerate)
+        if pix_fmt is None and output.needs_add_stream:
+            raise RuntimeError(f"Output does not support {self._format}")
+        output._add_stream("video", "rawvideo", pix_fmt=pix_fmt, rate=rate, width=self.width,
+                           height=self.height)
 
     def stop(self):
         with self._lock:

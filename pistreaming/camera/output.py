@@ -1,5 +1,6 @@
 """The hand-off from a camera's thread to the reactor (raw frames, or the
-H.264 access units of a camera that encodes: L{AccessUnitOutput}).
+H.264 access units of a camera that encodes: L{AccessUnitOutput}, and the
+raw frames of its second, smaller stream: L{LoresOutput}).
 
 A camera library calls ``FrameOutput.write(buf)`` on its own thread, as
 picamera does with custom outputs.  ``write`` must return at once or the
@@ -120,6 +121,10 @@ class AccessUnitOutput:
         self.frames_dropped = 0
         #: How many times dropping began (each a gap until the next keyframe).
         self.gaps = 0
+        #: The raw frames of the camera's second, smaller stream, for a
+        #: source that has one (a L{LoresOutput}, set by the camera
+        #: service), else None.
+        self.lores = None
 
     def access_unit(self, data, keyframe, captured_at=None):
         """Take one access unit from the camera's encoder (any thread)."""
@@ -150,3 +155,88 @@ class AccessUnitOutput:
             self._pending -= 1
             self._pending_bytes -= len(data)
         self._deliver(data, keyframe, captured_at)
+
+
+class LoresOutput:
+    """The hand-off of raw frames of a camera's second, smaller stream
+    (picamera2's C{lores}) from the camera's thread to the reactor, for the
+    MPEG-1 made on demand in H.264 mode (L{pistreaming.ondemand}).
+
+    Frames are copied out of the camera only while C{wanted} is set (by the
+    reactor, while the on-demand encoder runs): otherwise the camera is not
+    even asked for them.  As with L{FrameOutput}, when the reactor has not
+    taken the frames already handed over (L{max_pending}), a new one is
+    dropped and counted, before it is copied.
+    """
+
+    max_pending = 2
+
+    def __init__(self, on_stream, deliver, call_from_thread, clock=time.time):
+        """
+        @param on_stream: called in the reactor thread with the stream the
+            camera gives, C{(width, height)} and the bytes of a row of its Y
+            plane (U and V rows are half that), or C{(None, None)} if it
+            gives none.
+        @param deliver: called in the reactor thread with each frame (its
+            Y, U and V planes, with no padding rows) and its capture time.
+        @param call_from_thread: the reactor's C{callFromThread}.
+        @param clock: the capture time of frames whose source does not say.
+        """
+        self._on_stream = on_stream
+        self._deliver = deliver
+        self._call_from_thread = call_from_thread
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._pending = 0
+        #: Set by the reactor: frames are wanted.
+        self.wanted = threading.Event()
+        self.size = self.stride = self.frame_size = None
+        #: Frames copied out of the camera, and those dropped (not copied)
+        #: because the reactor had not taken the ones before.
+        self.frames_captured = 0
+        self.frames_dropped = 0
+
+    def stream(self, size, stride):
+        """The camera says what its stream is (after it is configured):
+        C{size} (width, height) and C{stride}, or None and None."""
+        if size is not None:
+            width, height = size
+            self.size, self.stride = (width, height), stride
+            self.frame_size = stride * height + 2 * (stride // 2) * (height // 2)
+        else:
+            self.size = self.stride = self.frame_size = None
+        self._call_from_thread(self._on_stream, self.size, self.stride)
+
+    def frame(self, buffer, captured_at=None):
+        """One frame of the stream, from the camera's thread: C{buffer} is
+        any bytes-like object, valid only during the call (it is the
+        camera's own memory): what is handed over is a copy."""
+        size = self.frame_size
+        if size is None or not self.wanted.is_set():
+            return
+        if captured_at is None:
+            captured_at = self._clock()
+        with self._lock:
+            if self._pending >= self.max_pending:
+                self.frames_dropped += 1
+                return
+            self._pending += 1
+        try:
+            view = memoryview(buffer).cast("B")
+            if len(view) < size:
+                raise ValueError(
+                    f"the camera gave {len(view)} bytes for a {self.size[0]}x{self.size[1]} "
+                    f"YUV420 frame with stride {self.stride}; it needs {size}")
+            data = bytes(view[:size])
+        except BaseException:
+            with self._lock:
+                self._pending -= 1
+            raise
+        with self._lock:
+            self.frames_captured += 1
+        self._call_from_thread(self._take, data, captured_at)
+
+    def _take(self, frame, captured_at):
+        with self._lock:
+            self._pending -= 1
+        self._deliver(frame, captured_at)

@@ -19,6 +19,18 @@ With H.264 (L{Picamera2Source.run_h264}) no frame crosses Python: picamera2's
 C{H264Encoder} (the hardware encoder of a Pi up to the 4; libx264 through
 libav, under the same name, on a Pi 5) encodes the main stream, and an
 C{Output} of ours takes each access unit from C{outputframe}.
+
+Then the camera is also configured with a second, smaller stream, picamera2's
+C{lores} (YUV420, at most L{LORES_MOST} pixels a side, the main stream's
+aspect ratio: L{lores_size}), for the MPEG-1 made on demand for viewers
+that cannot play H.264 (L{pistreaming.ondemand}): its raw frames are the
+encoder's input instead of decoded H.264.  They are taken by picamera2's
+own null encoder (the base C{Encoder}, which hands each frame's buffer to
+its outputs as it is) started on that stream, C{start_encoder(encoder,
+output, name="lores")}, only while the service asks for them
+(C{output.lores.wanted}): with no MPEG-1 viewer, nothing of that stream
+reaches Python.  A camera that refuses the second stream (or a picamera2
+that cannot encode one) records H.264 all the same, and says it has none.
 """
 
 import importlib
@@ -30,6 +42,30 @@ from twisted.logger import Logger
 
 #: What padding bytes hold: black, in video range.
 _Y_PAD, _UV_PAD = 16, 128
+
+#: The longest side of the second, smaller stream (C{lores}).
+LORES_MOST = 640
+
+
+def lores_size(width, height, most=LORES_MOST):
+    """The size asked of the camera's second, smaller stream for a main
+    stream of C{width}x{height}: the same picture (its aspect ratio: with
+    picamera2's default C{preserve_ar=False} libcamera scales the main
+    stream's field of view into it, squeezed if the ratios differ), its
+    longer side at most C{most}, and both sides even, as picamera2 requires
+    of every stream.  A main stream no larger is taken as it is.  For
+    landscape pictures the width is then 640, a multiple of 64 (and 128), the
+    row alignment picamera2 calls optimal for YUV420 on a Pi 4 (and 5): its
+    rows need no padding."""
+    longer = max(width, height)
+    if longer <= most:
+        return width, height
+
+    def side(length):
+        scaled = round(length * most / longer)
+        return max(2, scaled - scaled % 2)
+
+    return side(width), side(height)
 
 
 class FrameLayout:
@@ -123,6 +159,21 @@ _MAX_AGE = 5.0
 _output_classes = {}
 
 
+def capture_time(encoder, timestamp, clock=time.time, boot_clock=boottime):
+    """When the frame with C{timestamp} (microseconds after C{encoder}'s
+    first frame, whose sensor time in microseconds since boot is
+    C{encoder.firsttimestamp}) was captured, in seconds since the epoch;
+    the time of arrival if the encoder cannot say."""
+    now = clock()
+    first = getattr(encoder, "firsttimestamp", None)
+    if timestamp is None or first is None:
+        return now
+    age = boot_clock() - (first + timestamp) / 1e6
+    if -0.05 <= age <= _MAX_AGE:
+        return now - max(0.0, age)
+    return now
+
+
 def access_unit_output(base):
     """An C{Output} class (a subclass of picamera2's C{base}) whose
     C{outputframe} hands each encoded picture to C{output.access_unit}."""
@@ -154,21 +205,46 @@ def access_unit_output(base):
                 self.error = e
 
         def captured_at(self, timestamp):
-            """When the picture with C{timestamp} (microseconds after the
-            encoder's first frame, whose sensor time in microseconds since
-            boot is C{encoder.firsttimestamp}) was captured, in seconds
-            since the epoch; the time of arrival if the encoder cannot say."""
-            now = self._clock()
-            first = getattr(self._encoder, "firsttimestamp", None)
-            if timestamp is None or first is None:
-                return now
-            age = self._boot_clock() - (first + timestamp) / 1e6
-            if -0.05 <= age <= _MAX_AGE:
-                return now - max(0.0, age)
-            return now
+            """When the picture with C{timestamp} was captured (L{capture_time})."""
+            return capture_time(self._encoder, timestamp, self._clock, self._boot_clock)
 
     _output_classes[base] = AccessUnitOutput
     return AccessUnitOutput
+
+
+_lores_classes = {}
+
+
+def lores_frame_output(base):
+    """An C{Output} class (a subclass of picamera2's C{base}) whose
+    C{outputframe} hands each raw frame of the null encoder on the C{lores}
+    stream to a L{pistreaming.camera.output.LoresOutput}."""
+    if base in _lores_classes:
+        return _lores_classes[base]
+
+    class LoresFrameOutput(base):
+        """Takes the raw frames, on the camera's thread, inside picamera2's
+        request processing: the buffer is the camera's own memory, valid
+        only during the call, so it is copied (by the L{LoresOutput}) before
+        C{outputframe} returns.  Never raises into picamera2 (its camera
+        loop would end): an error is kept for the capture loop."""
+
+        def __init__(self, lores, encoder):
+            super().__init__()
+            self._lores = lores
+            self._encoder = encoder
+            self.error = None
+
+        def outputframe(self, frame, keyframe=True, timestamp=None, packet=None, audio=False):
+            if audio or frame is None or self.error is not None:
+                return
+            try:
+                self._lores.frame(frame, capture_time(self._encoder, timestamp))
+            except Exception as e:
+                self.error = e
+
+    _lores_classes[base] = LoresFrameOutput
+    return LoresFrameOutput
 
 
 class Picamera2Source:
@@ -202,12 +278,19 @@ class Picamera2Source:
         g = self.geometry
         return f"picamera2 camera {self.camera_num}{model} {g.width}x{g.height}"
 
-    def configuration(self, camera):
-        """The video configuration asked of C{camera} (a C{Picamera2})."""
+    @property
+    def lores_size(self):
+        """The size asked of the camera's second, smaller stream (L{lores_size})."""
+        return lores_size(self.geometry.width, self.geometry.height)
+
+    def configuration(self, camera, lores=False):
+        """The video configuration asked of C{camera} (a C{Picamera2});
+        with C{lores}, with the second, smaller stream too."""
         g = self.geometry
         frame_us = round(1_000_000 / self.framerate)
         return camera.create_video_configuration(
             main={"size": (g.width, g.height), "format": "YUV420"},
+            lores={"size": self.lores_size, "format": "YUV420"} if lores else None,
             controls={"FrameDurationLimits": (frame_us, frame_us)},
             transform=self._libcamera.Transform(hflip=int(self.picture.hflip),
                                                 vflip=int(self.picture.vflip)),
@@ -279,11 +362,17 @@ class Picamera2Source:
     def run_h264(self, output, stopping, encoding):
         """Record H.264 until C{stopping} is set, handing each access unit to
         C{output.access_unit(data, keyframe, captured_at)} from the encoder's
-        thread; the camera is always closed.  Raises if the encoder fails."""
+        thread; the camera is always closed.  Raises if the encoder fails.
+
+        If C{output.lores} is a L{pistreaming.camera.output.LoresOutput},
+        the camera gives a second, smaller stream too: C{output.lores} is
+        told what it is (or that there is none), and given its frames while
+        C{output.lores.wanted} is set."""
         Output = self._submodule("outputs").Output
+        lores = getattr(output, "lores", None)
         camera = self._picamera2.Picamera2(self.camera_num)
         try:
-            camera.configure(self.configuration(camera))
+            lores_stream = self._configure(camera, lores)
             stream = camera.stream_configuration("main")
             size = tuple(stream["size"])
             g = self.geometry
@@ -298,6 +387,10 @@ class Picamera2Source:
                 self._abandon(camera, encoder)
                 raise
             self._encoder = encoder
+            frames = None
+            if lores_stream is not None:
+                frames = _LoresFrames(self, camera, lores,
+                                      lores_frame_output(Output), self._submodule("encoders"))
             try:
                 while not stopping.wait(self.poll_interval):
                     if taker.error is not None:
@@ -306,11 +399,41 @@ class Picamera2Source:
                     if thread is not None and not thread.is_alive():
                         raise RuntimeError("picamera2's H.264 encoder stopped "
                                            "(its thread ended)")
+                    if frames is not None and not frames.step():
+                        frames = None
             finally:
                 self._encoder = None
-                camera.stop_recording()
+                camera.stop_recording()  # (the lores stream's encoder too)
         finally:
             camera.close()
+
+    def _configure(self, camera, lores):
+        """Configures C{camera} for H.264, with the second, smaller stream if
+        C{lores} (a LoresOutput) is given and the camera takes it: then that
+        stream's configuration, which C{lores} is told of, else None."""
+        if lores is None:
+            camera.configure(self.configuration(camera))
+            return None
+        stream = None
+        try:
+            camera.configure(self.configuration(camera, lores=True))
+            stream = camera.stream_configuration("lores")
+            if stream is None or stream["format"] != "YUV420":
+                raise RuntimeError(f"it gives {stream and stream['format']}, not YUV420")
+        except Exception as e:
+            self.log.warn("picamera2 gives no second, smaller stream here ({why}); MPEG-1 "
+                          "is made by decoding the H.264", why=e)
+            if stream is None:
+                camera.configure(self.configuration(camera))
+            stream = None
+        if stream is None:
+            lores.stream(None, None)
+            return None
+        size = tuple(stream["size"])
+        self.log.info("picamera2: a second, smaller stream (lores), {size}, stride {stride}, "
+                      "for MPEG-1 viewers", size="x".join(map(str, size)), stride=stream["stride"])
+        lores.stream(size, stream["stride"])
+        return stream
 
     def _abandon(self, camera, encoder):
         """Stops C{encoder} if it started before recording failed to."""
@@ -345,6 +468,48 @@ class Picamera2Source:
             if stopping.is_set():
                 return None
         raise RuntimeError("picamera2 delivered no frame for a very long time")
+
+
+class _LoresFrames:
+    """Starts and stops picamera2's null encoder on the C{lores} stream as
+    the service wants its frames (from the capture loop's thread)."""
+
+    def __init__(self, source, camera, lores, output_class, encoders):
+        self.source = source
+        self.camera = camera
+        self.lores = lores
+        self.encoder = encoders.Encoder()
+        self.taker = output_class(lores, self.encoder)
+        self.running = False
+
+    def step(self):
+        """Starts or stops the encoder if the service changed its mind;
+        False once the stream is given up (an error: said, and the service
+        told there is no such stream)."""
+        error = self.taker.error
+        try:
+            if error is None:
+                wanted = self.lores.wanted.is_set()
+                if wanted and not self.running:
+                    self.camera.start_encoder(self.encoder, self.taker, name="lores")
+                    self.running = True
+                elif self.running and not wanted:
+                    self.running = False
+                    self.camera.stop_encoder(self.encoder)
+                return True
+        except Exception as e:
+            error = e
+        self.source.log.warn("picamera2: the second, smaller stream is given up ({why}); "
+                             "MPEG-1 is made by decoding the H.264", why=error)
+        if self.running:
+            self.running = False
+            try:
+                self.camera.stop_encoder(self.encoder)
+            except Exception as e:
+                self.source.log.warn("picamera2: the lores stream's encoder did not stop "
+                                     "cleanly ({why})", why=e)
+        self.lores.stream(None, None)
+        return False
 
 
 def probe(import_module):

@@ -17,6 +17,13 @@ In H.264 mode (C{h264} given: the encoding) the source's own encoder records
 (pistreaming.camera.output.AccessUnitOutput); everything else is the same,
 each access unit counting as a frame.  C{request_keyframe} asks the camera
 for an IDR, at most once a second.
+
+A source whose camera also gives a second, smaller stream of raw frames
+(picamera2's C{lores}) is given a L{LoresOutput} with each run (as the
+C{lores} of its access-unit output), when the service has a C{lores}
+consumer: the run says what the stream is, and copies its frames out only
+while L{CameraService.want_lores} says so (the MPEG-1 encoder that runs on
+demand wants them only while someone watches it).
 """
 
 import threading
@@ -27,7 +34,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
-from pistreaming.camera.output import AccessUnitOutput, FrameOutput
+from pistreaming.camera.output import AccessUnitOutput, FrameOutput, LoresOutput
 
 
 def _daemon_thread(*args, **kwargs):
@@ -88,7 +95,7 @@ class CameraService(TimerService):
     keyframe_request_interval = 1.0
 
     def __init__(self, source, frame_size, sink, reactor, on_state=None, watch_interval=0.5,
-                 h264=None):
+                 h264=None, lores=None):
         """
         @param frame_size: bytes in a raw frame (unused in H.264 mode).
         @param sink: called in the reactor thread with each frame and its
@@ -100,6 +107,12 @@ class CameraService(TimerService):
             (an L{Encoding}, or anything with C{.bitrate}, C{.keyframe_interval},
             C{.framerate}, C{.profile}); the source must have C{run_h264}.
             None: raw frames.
+        @param lores: in H.264 mode, the consumer of the camera's second,
+            smaller stream of raw frames, if the source has one: told in
+            the reactor thread, by C{lores_stream(size, stride)}, what each
+            run's camera gives (C{(None, None)}: no such stream), and given
+            by C{lores_frame(frame, captured_at)} each frame copied out
+            while L{want_lores} is on (see L{LoresOutput}).
         """
         super().__init__(watch_interval, self._check_stall)
         self.clock = reactor
@@ -127,6 +140,9 @@ class CameraService(TimerService):
         self._keyframe_later = None
         #: Keyframes asked of the camera (after coalescing).
         self.keyframes_requested = 0
+        self.lores = lores if h264 is not None else None
+        self._lores_wanted = False
+        self._retired_lores = [0, 0]  # frames captured, dropped, by runs before
 
     @property
     def h264(self):
@@ -158,6 +174,41 @@ class CameraService(TimerService):
         current = self._run.output.frames_dropped if self._run is not None else 0
         return self._retired_dropped + current
 
+    # the second, smaller stream
+    def want_lores(self, wanted):
+        """Whether the frames of the camera's second, smaller stream are to
+        be copied out and handed over (in the reactor thread); it holds for
+        the runs that follow too."""
+        self._lores_wanted = bool(wanted)
+        output = self._run.output if self._run is not None else None
+        lores = getattr(output, "lores", None)
+        if lores is not None:
+            if self._lores_wanted:
+                lores.wanted.set()
+            else:
+                lores.wanted.clear()
+
+    @property
+    def lores_wanted(self):
+        return self._lores_wanted
+
+    def lores_figures(self):
+        """The second, smaller stream's figures (None without a consumer
+        for it): its size, whether its frames are copied out, how many were
+        and how many were dropped before the reactor took them."""
+        if self.lores is None:
+            return None
+        output = self._run.output if self._run is not None else None
+        lores = getattr(output, "lores", None)
+        captured, dropped = self._retired_lores
+        if lores is not None:
+            captured += lores.frames_captured
+            dropped += lores.frames_dropped
+        size = lores.size if lores is not None else None
+        return {"width": size[0] if size else None, "height": size[1] if size else None,
+                "copying": self._lores_wanted and size is not None,
+                "frames": captured, "frames_dropped": dropped}
+
     def _set_state(self, state, why=""):
         if state != self.state:
             self.state = state
@@ -178,6 +229,21 @@ class CameraService(TimerService):
                 self._set_state("ok")
             self.sink(*unit)
         return deliver
+
+    def _lores_deliverers(self, run):
+        """What a run's L{LoresOutput} calls in the reactor thread (nothing
+        of a run given up is passed on)."""
+        def current():
+            return run is self._run and not run.given_up and self.running
+
+        def stream(size, stride):
+            if current():
+                self.lores.lores_stream(size, stride)
+
+        def frame(data, captured_at):
+            if current():
+                self.lores.lores_frame(data, captured_at)
+        return stream, frame
 
     def _gap(self, run):
         """Access units were dropped: ask the camera for a keyframe."""
@@ -240,11 +306,20 @@ class CameraService(TimerService):
         if self._run is not None:
             self._retired_captured += self._run.output.frames_captured
             self._retired_dropped += self._run.output.frames_dropped
+            lores = getattr(self._run.output, "lores", None)
+            if lores is not None:
+                self._retired_lores[0] += lores.frames_captured
+                self._retired_lores[1] += lores.frames_dropped
         self._runs += 1
         run = _Run(self._runs, None)
         if self.h264:
             run.output = AccessUnitOutput(self._deliverer(run), self.reactor.callFromThread,
                                           on_gap=self._gap(run))
+            if self.lores is not None:
+                on_stream, deliver = self._lores_deliverers(run)
+                run.output.lores = LoresOutput(on_stream, deliver, self.reactor.callFromThread)
+                if self._lores_wanted:
+                    run.output.lores.wanted.set()
             capture, args = self.source.run_h264, (run.output, run.stop, self.encoding)
         else:
             run.output = FrameOutput(self.frame_size, self._deliverer(run),
