@@ -157,8 +157,20 @@ def test_a_file_output_gets_a_stream_that_starts_at_a_keyframe(tmp_path):
     camera.configure(camera.create_video_configuration(
         main={"size": (WIDTH, HEIGHT), "format": "YUV420"}))
     encoder = rig.picamera2.encoders.H264Encoder(bitrate=300_000, iperiod=10)
-    camera.start_recording(encoder, rig.picamera2.outputs.FileOutput(str(tmp_path / "out.h264")))
-    time.sleep(0.3)
+
+    class Counted(rig.picamera2.outputs.FileOutput):
+        """FileOutput as it is, and an event after 12 of its frames."""
+        frames = 0
+        enough = threading.Event()
+
+        def outputframe(self, frame, *args, **kwargs):
+            super().outputframe(frame, *args, **kwargs)
+            Counted.frames += 1
+            if Counted.frames >= 12:
+                Counted.enough.set()
+
+    camera.start_recording(encoder, Counted(str(tmp_path / "out.h264")))
+    assert Counted.enough.wait(10), f"{Counted.frames} frames in 10 s"
     camera.stop_recording()
     camera.close()
     data = (tmp_path / "out.h264").read_bytes()
@@ -316,6 +328,7 @@ def test_a_failing_encoder_surfaces_or_goes_quiet_and_the_camera_is_closed(pi5):
     out = Units(stopping, 10**9)
     thread, outcome = in_thread(source.run_h264, out, stopping, encoding())
     assert out.wait_for(3)
+    camera_loops = [t for t in threading.enumerate() if t.name == "fake picamera2"]
     rig.encoders[0]._ffmpeg.process.kill()  # the encoder dies
     thread.join(2 if not pi5 else 0.5)
     if not pi5:
@@ -326,9 +339,12 @@ def test_a_failing_encoder_surfaces_or_goes_quiet_and_the_camera_is_closed(pi5):
         # libav encodes on the camera's thread, whose loop then ends: no
         # more pictures (the camera service sees a stall); stop still works.
         assert thread.is_alive()
-        count = len(out.units)
-        time.sleep(0.3)
-        assert len(out.units) == count
+        # The camera's thread (the only one that hands pictures on, with
+        # libav) has ended.
+        for loop in camera_loops:
+            loop.join(5)
+        assert camera_loops and not any(loop.is_alive() for loop in camera_loops)
+        assert thread.is_alive() and "error" not in outcome
         stopping.set()
         thread.join(5)
         assert outcome == {"value": None}
