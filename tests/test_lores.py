@@ -143,14 +143,16 @@ def test_the_null_encoder_on_lores_hands_the_cameras_own_buffer_for_the_call_onl
         camera.configure(camera.create_video_configuration(
             main={"size": (960, 540), "format": "YUV420"}, lores={"size": (640, 360)}))
         camera.start()
-        time.sleep(0.1)
+        for _ in range(3):  # three frames come (capture_request waits for each)
+            camera.capture_request().release()
         assert rig.lores_drawn == 0 and rig.frames > 0  # nothing asked for it yet
         encoder = rig.picamera2.encoders.Encoder()
         camera.start_encoder(encoder, Keeper(), name="lores")  # while it runs
         assert arrived.wait(5)
         camera.stop_encoder(encoder)
         drawn = rig.lores_drawn
-        time.sleep(0.1)
+        for _ in range(3):
+            camera.capture_request().release()
         assert rig.lores_drawn == drawn  # stopped: no more of that stream
     finally:
         camera.close()
@@ -257,7 +259,10 @@ def test_the_camera_gives_lores_frames_only_while_they_are_wanted():
         out.lores.wanted.set()
         out.wait(lambda: len(out.frames) >= 4)
         out.lores.wanted.clear()
-        time.sleep(2 * source.poll_interval)  # (the capture loop's turn)
+        # The capture loop looks every poll_interval (0.1 s): 12 pictures
+        # later (0.4 s at 30 fps) it has stopped the lores stream.
+        units = len(out.units)
+        out.wait(lambda: len(out.units) >= units + 12)
         copied, mapped, units = len(out.frames), rig.lores_drawn, len(out.units)
         out.wait(lambda: len(out.units) >= units + 6)  # H.264 goes on...
         assert len(out.frames) == copied and rig.lores_drawn == mapped  # ...lores does not
@@ -536,6 +541,12 @@ class H264Viewer(threading.Thread):
         self.description = json.loads(self.ws.recv())["stream"]
         self.messages = []
         self.stop = False
+        self.arrived = threading.Condition()
+
+    def wait_for(self, count, timeout=10):
+        """Until C{count} messages have come (bounded)."""
+        with self.arrived:
+            return self.arrived.wait_for(lambda: len(self.messages) >= count, timeout)
 
     def run(self):
         while not self.stop:
@@ -544,7 +555,9 @@ class H264Viewer(threading.Thread):
             except Exception:
                 return
             if opcode == websocket.ABNF.OPCODE_BINARY:
-                self.messages.append((time.monotonic(), data))
+                with self.arrived:
+                    self.messages.append((time.monotonic(), data))
+                    self.arrived.notify_all()
 
 
 def test_a_ws_port_client_gets_the_cameras_lores_stream_while_h264_goes_on(tmp_path):
@@ -579,12 +592,11 @@ def test_a_ws_port_client_gets_the_cameras_lores_stream_while_h264_goes_on(tmp_p
             assert during["mpeg1_on_demand"]["frames_in"] >= 12
 
             daemon.wait_for(r"MPEG-1 on demand: stopping ffmpeg pid", GRACE + 5)
-            deadline = time.monotonic() + 5
-            while daemons_ffmpeg(daemon) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            daemon.wait_for(r"MPEG-1 on demand: ffmpeg has stopped", 5)
             assert daemons_ffmpeg(daemon) == []
             after = stats_of(daemon)["camera"]["lores"]
-            time.sleep(0.4)
+            # 12 more H.264 pictures (0.4 s): no lores frame meanwhile
+            assert h264.wait_for(len(h264.messages) + 12)
             later = stats_of(daemon)
             count = len(h264.messages)
         finally:
