@@ -7,12 +7,12 @@ The recorder is one of the daemon's taps (L{pistreaming.service.Pistream.taps}):
 it is given every chunk the viewers are given, in the reactor thread, and
 hands each to an ffmpeg child of its own, which copies the pictures into a
 file (C{-c copy}: never a re-encode).  One ffmpeg writes one segment; at
-the first keyframe after C{--record-segment} (less half a keyframe
-interval, so that a keyframe that comes a few milliseconds early does not
-make a segment twice as long) its input is closed, it finishes the file
-and exits, and a new ffmpeg starts the next segment with that keyframe: no
-picture is lost between segments, and every segment begins where a decoder
-can start.
+the first keyframe at or after C{--record-segment} (a quarter of a
+keyframe interval early counts, so that a keyframe that comes a few
+milliseconds early does not make a segment a whole interval longer) its
+input is closed, it finishes the file and exits, and a new ffmpeg starts
+the next segment with that keyframe: no picture is lost between segments,
+and every segment begins where a decoder can start.
 
 The container survives a power cut mid-segment: with C{--codec h264}
 fragmented MP4 (a fragment at each keyframe and at least every half
@@ -514,9 +514,10 @@ class Recorder(TimerService):
             # ffmpeg takes nothing (a slow or hung disk): no new ffmpeg on
             # that disk; this one goes on, or is given up (_tick).
             return None
-        # Half a keyframe interval early counts as on time: keyframes come
-        # a few milliseconds early or late.
-        early = min((self._keyframe_interval or 0) / 2, self.segment_length / 2)
+        # The first keyframe at or after the length; a quarter of a keyframe
+        # interval early counts as on time (keyframes come a few
+        # milliseconds early or late).
+        early = min((self._keyframe_interval or 0) / 4, self.segment_length / 4)
         if now - segment.started_at >= self.segment_length - early:
             return "length"
         return None

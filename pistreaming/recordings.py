@@ -151,7 +151,7 @@ class Listing(GetOnly):
             "<!DOCTYPE html>",
             '<html lang="en"><head><meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-            "<title>Recordings</title></head><body>",
+            '<title>Recordings</title><link rel="icon" href="data:,"></head><body>',
             "<h1>Recordings</h1>",
             f"<p>{state} {len(listing)} segments, {e(human(total))}"
             + (f", at most {e(human(recorder.keep))} kept" if recorder.keep else "")

@@ -289,6 +289,13 @@ def test_a_keyframe_a_little_early_still_ends_the_segment():
     assert len(rig.ffmpegs()) == 2  # the one at 3.996 s is: not a 6 s segment
 
 
+def test_a_segment_ends_at_the_first_keyframe_at_or_after_its_length():
+    rig = Rig(segment=3.0).start()
+    rig.pictures(7.0, keyframe_every=2.0)  # keyframes at 0, 2, 4, 6 s
+    names = [name for name, _, _ in rig.ffmpegs()]
+    assert names == ["20261205T102030Z.mp4", "20261205T102034Z.mp4"]  # not 2 s, not 6 s
+
+
 def test_recording_starts_at_a_keyframe():
     rig = Rig().start()
     rig.pictures(0.5, keyframe_every=1.0, first_keyframe=False)
