@@ -16,7 +16,9 @@ However many ask, there is at most one decode per new picture: a request
 that comes while a decode runs waits for that decode, and the JPEG is
 kept, per width, and given to every request until a newer picture has
 arrived and it is more than L{FRESH_FOR} seconds old (so a hundred
-requests a second cost at most one decode a second).  Decodes run one at
+requests a second cost at most one decode a second), or, where a decode
+took longer than a tenth of that, ten times the decode's time
+(L{DECODE_SHARE}: decoding never takes more than a tenth of a core).  Decodes run one at
 a time (a request for another width waits for its turn), and a few widths
 at most are kept and waited for.  L{Snapshot.decodes} counts them, for
 /stats.json.
@@ -43,6 +45,10 @@ log = Logger(namespace="pistreaming.snapshot")
 
 #: Seconds a JPEG is given out as the latest picture although newer ones came.
 FRESH_FOR = 1.0
+#: ...or longer, where decoding takes long (a long keyframe interval: the
+#: start cache holds many pictures): at most this share of a core goes to
+#: decoding however many ask.
+DECODE_SHARE = 0.1
 #: The narrowest ?width= (the widest is the picture's own).
 MIN_WIDTH = 16
 #: Seconds a decode may take before its ffmpeg is killed.
@@ -79,9 +85,10 @@ def snapshot_command(ffmpeg, codec, last, width=None):
             "-f", "image2pipe", "-c:v", "mjpeg", "-q:v", "3", "pipe:1"]
 
 
-Picture = collections.namedtuple("Picture", ["jpeg", "number", "made_at"])
+Picture = collections.namedtuple("Picture", ["jpeg", "number", "made_at", "fresh_for"])
 Picture.__doc__ = """A JPEG, the number of the stream's picture it shows
-(L{Snapshot.pictures} when its decode began), and when it was made."""
+(L{Snapshot.pictures} when its decode began), when it was made, and for
+how long it is given out although newer pictures came."""
 
 
 class DecodeProcess(protocol.ProcessProtocol):
@@ -193,7 +200,7 @@ class Snapshot:
         now = self.reactor.seconds()
         cached = self.cache.get(width)
         if cached is not None and (cached.number == self.pictures
-                                   or now - cached.made_at < self.fresh_for):
+                                   or now - cached.made_at < cached.fresh_for):
             self.cache.move_to_end(width)
             self.from_cache += 1
             return defer.succeed(cached)
@@ -241,11 +248,12 @@ class Snapshot:
 
     def _decoded(self, proto, jpeg):
         now = self.reactor.seconds()
-        self.decode_times.add(now, now - proto.started_at)
+        took = now - proto.started_at
+        self.decode_times.add(now, took)
         if self._failing:
             log.info("snapshot: decoding works again")
             self._failing = False
-        picture = Picture(jpeg, proto.number, now)
+        picture = Picture(jpeg, proto.number, now, max(self.fresh_for, took / DECODE_SHARE))
         self.cache[proto.width] = picture
         self.cache.move_to_end(proto.width)
         while len(self.cache) > CACHED_WIDTHS:

@@ -164,6 +164,17 @@ class ListingTests(RecordingsCase):
             status, headers, _ = self.answer(get(service.site, path, method=b"POST"))
             assert (status, headers[b"allow"]) == (405, b"GET, HEAD")
 
+    def test_the_figures_say_what_the_recorder_and_the_snapshot_do(self):
+        service = self.build_recording()
+        recording = json.loads(self.answer(get(service.site, b"/stats.json"))[2])["recording"]
+        assert (recording["state"], recording["segments"], recording["bytes"],
+                recording["directory"]) == ("starting", 2, 13240, self.recordings)
+        metrics = self.answer(get(service.site, b"/metrics"))[2].decode()
+        for line in ('pistream_recording_info{state="starting"} 1.0',
+                     "pistream_recording_up 0.0", "pistream_recording_segments 2.0",
+                     "pistream_recording_bytes 13240.0", "pistream_snapshot_decodes_total 0.0"):
+            assert line in metrics.splitlines(), line
+
     def test_without_record_there_are_no_recordings(self):
         self.build("--codec", "h264")
         self.start()

@@ -175,6 +175,25 @@ class SnapshotTests(ServiceCase):
         assert answer(get(service.site, b"/snapshot.jpg"))[2] == JPEG2
         assert len(self.decoders()) == 2 and self.figures()["answered_from_cache"] == 2
 
+    def test_a_slow_decode_keeps_its_jpeg_longer(self):
+        """Many pictures since the keyframe (a long keyframe interval) make a
+        slow decode: the JPEG is then kept ten times as long as it took, so
+        that decoding takes a tenth of a core at most."""
+        service = self.build_codec("h264")
+        self.pictures(0, 12)
+        get(service.site, b"/snapshot.jpg")
+        (proto, _, transport), = self.decoders()
+        self.reactor.advance(0.3)  # decoding
+        proto.outReceived(JPEG)
+        transport.end(Failure(ProcessDone(0)))
+        self.pictures(12, 20)
+        self.reactor.advance(2.9)
+        assert answer(get(service.site, b"/snapshot.jpg"))[2] == JPEG
+        assert len(self.decoders()) == 1
+        self.reactor.advance(0.2)
+        get(service.site, b"/snapshot.jpg")
+        assert len(self.decoders()) == 2
+
     def test_width_is_a_bounded_whole_number_and_scales_the_picture_down(self):
         service = self.build_codec("mpeg1")
         self.pictures(0, 5)
