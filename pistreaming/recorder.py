@@ -34,8 +34,9 @@ changes: new H.264 parameter sets (a camera restarted at another size), or
 MPEG-1 timestamps that start again (the encoder restarted).
 
 Disk housekeeping runs on a thread of the recorder's own (listing the
-directory, C{statvfs}, deleting), never in the reactor thread, every
-C{check_interval} seconds and after each segment:
+directory, C{statvfs}, deleting), never in the reactor thread: the free
+space every C{check_interval} seconds (a second), the directory every
+C{scan_interval} seconds (5) and after each segment:
 
 - C{--record-keep}: when the segments together take more, the oldest are
   deleted (never the one being written).  A share (the default, 80%) is of
@@ -247,9 +248,14 @@ def scan(directory):
             if SEGMENT_NAME.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
                 info = entry.stat(follow_symlinks=False)
                 recordings.append((entry.name, info.st_size, info.st_mtime))
+    return Scan(sorted(recordings, key=lambda r: segment_order(r[0])), *space(directory))
+
+
+def space(directory):
+    """(bytes free to an unprivileged process, bytes in all) on the file
+    system of C{directory} (blocking: on the recorder's thread)."""
     disk = os.statvfs(directory)
-    return Scan(sorted(recordings, key=lambda r: segment_order(r[0])),
-                disk.f_bavail * disk.f_frsize, disk.f_blocks * disk.f_frsize)
+    return disk.f_bavail * disk.f_frsize, disk.f_blocks * disk.f_frsize
 
 
 def delete(directory, names):
@@ -273,6 +279,7 @@ class Disk:
     give the recorder another)."""
 
     scan = staticmethod(scan)
+    space = staticmethod(space)
     delete = staticmethod(delete)
 
 
@@ -380,8 +387,8 @@ class Recorder(TimerService):
     stop_give_up = 1.6
 
     def __init__(self, directory, codec, command, reactor, segment_length=600.0,
-                 keep=("percent", 80.0), framerate=24, on_state=None, check_interval=2.0,
-                 pool=None, env=None, disk=None):
+                 keep=("percent", 80.0), framerate=24, on_state=None, check_interval=1.0,
+                 scan_interval=5.0, pool=None, env=None, disk=None):
         """
         @param directory: where the segments go (it exists).
         @param codec: the stream's, C{"h264"} or C{"mpeg1"}: what the chunks are.
@@ -391,7 +398,9 @@ class Recorder(TimerService):
         @param keep: C{--record-keep}: ("bytes", n) or ("percent", p).
         @param framerate: the stream's pictures per second.
         @param on_state: called with (state, why) when the state changes.
-        @param check_interval: seconds between disk housekeeping passes.
+        @param check_interval: seconds between looks at the free space.
+        @param scan_interval: seconds between listings of the directory
+            (it is listed after each segment, too).
         @param pool: a thread pool for the disk work (started and stopped by
             its owner); by default the recorder's own.
         @param disk: what lists and deletes segments (L{Disk}), on C{pool}.
@@ -408,6 +417,8 @@ class Recorder(TimerService):
         self.segment_length = segment_length
         self.keep_setting = keep
         self.framerate = float(framerate)
+        self.scan_interval = scan_interval
+        self._last_scan = None
         self.on_state = on_state
         self.env = dict(os.environ) if env is None else env
         self.disk = Disk() if disk is None else disk
@@ -663,7 +674,9 @@ class Recorder(TimerService):
 
     # -- the disk
     def _tick(self):
-        self._check()
+        last = self._last_scan
+        self._check(full=last is None
+                    or self.reactor.seconds() - last >= self.scan_interval - 1e-6)
         proto = self.segment.process if self.segment is not None else None
         if (proto is not None and proto.paused_since is not None
                 and self.reactor.seconds() - proto.paused_since > self.stall_timeout):
@@ -676,17 +689,23 @@ class Recorder(TimerService):
             self._failed(f"ffmpeg has taken nothing for {self.stall_timeout:g}s writing "
                          f"{segment.name} (does the disk hang?)")
 
-    def _check(self):
-        """A housekeeping pass on the recorder's thread (one at a time)."""
+    def _check(self, full=True):
+        """A housekeeping pass on the recorder's thread (one at a time): the
+        free space, and if C{full} the directory's segments."""
         if not self.running:
             return
         if self._scanning:
-            self._rescan = True
+            self._rescan = self._rescan or full
             return
         self._scanning = True
         self._rescan = False
-        d = deferToThreadPool(self.reactor, self.pool, self.disk.scan, self.directory)
-        d.addCallbacks(self._scanned, self._scan_failed)
+        if full:
+            self._last_scan = self.reactor.seconds()
+            d = deferToThreadPool(self.reactor, self.pool, self.disk.scan, self.directory)
+            d.addCallbacks(self._scanned, self._scan_failed)
+        else:
+            d = deferToThreadPool(self.reactor, self.pool, self.disk.space, self.directory)
+            d.addCallbacks(lambda found: self._space(*found), self._scan_failed)
         d.addErrback(lambda f: log.failure("recording: housekeeping failed", f))
         d.addBoth(self._pass_done)
 
@@ -700,10 +719,26 @@ class Recorder(TimerService):
         why = (e.strerror or str(e)).lower() if isinstance(e, OSError) else str(e)
         self._stop_recording(f"cannot read {self.directory}: {why}")
 
+    def _space(self, free, total):
+        """The floor of free space: recording stops below it, and starts
+        again at L{RESUME_FACTOR} times it."""
+        self.free, self.total = free, total
+        self.floor = floor_bytes(total)
+        if self._hold is not None and self._hold.startswith("cannot read"):
+            return  # a scan says when it can be read again
+        if free < self.floor:
+            if self._hold is None:
+                self._stop_recording(
+                    f"only {human(free)} free on the disk of {self.directory}, below "
+                    f"the floor of {human(self.floor)}", space=True)
+        elif self._hold is not None and free >= self.floor * RESUME_FACTOR:
+            log.info("recording resumes: {free} free on the disk of {directory}",
+                     free=human(free), directory=self.directory)
+            self._hold = None
+            self._refresh_state()
+
     def _scanned(self, found):
         self.scans += 1
-        self.free, self.total = found.free, found.total
-        self.floor = floor_bytes(found.total)
         self.recordings = {name: (size, mtime) for name, size, mtime in found.recordings}
         # (A segment's file appears once its ffmpeg has read the first
         # pictures: one just begun or just ended may not be there yet.)
@@ -733,16 +768,7 @@ class Recorder(TimerService):
             log.info("recording: {directory} can be read again", directory=self.directory)
             self._hold = None
             self._refresh_state()
-        if found.free < self.floor:
-            if self._hold is None:
-                self._stop_recording(
-                    f"only {human(found.free)} free on the disk of {self.directory}, below "
-                    f"the floor of {human(self.floor)}", space=True)
-        elif self._hold is not None and found.free >= self.floor * RESUME_FACTOR:
-            log.info("recording resumes: {free} free on the disk of {directory}",
-                     free=human(found.free), directory=self.directory)
-            self._hold = None
-            self._refresh_state()
+        self._space(found.free, found.total)
         current = self.segment.name if self.segment is not None else None
         victims = to_delete([(name, size) for name, (size, _) in self.recordings.items()],
                             self.keep, current)

@@ -66,6 +66,11 @@ class FakeDisk:
         return Scan(sorted(((n, s, m) for n, (s, m) in self.files.items()),
                            key=lambda r: segment_order(r[0])), self.free, self.total)
 
+    def space(self, directory):
+        if self.error is not None:
+            raise self.error
+        return self.free, self.total
+
     def delete(self, directory, names):
         for name in names:
             self.files.pop(name, None)
@@ -355,10 +360,12 @@ def test_the_oldest_segments_go_when_the_recordings_pass_keep(said):
     rig.pictures(1.0)
     name = rig.ffmpegs()[0][0]
     disk.written = lambda: {name: 2 * MB}  # it grows
-    rig.reactor.advance(2)  # the next pass
+    rig.reactor.advance(3)  # not listed again yet (free space only, each second)
+    assert disk.deleted == ["20261204T000000Z.mp4"]
+    rig.reactor.advance(2)  # listed every 5 s
     assert disk.deleted == ["20261204T000000Z.mp4", "20261204T001000Z.mp4"]
     disk.written = lambda: {name: 9 * MB}
-    rig.reactor.advance(2)  # the segment being written is never deleted
+    rig.reactor.advance(5)  # the segment being written is never deleted
     assert name in disk.files and "20261204T002000Z.mp4" not in disk.files
 
 
@@ -405,7 +412,7 @@ def test_an_unreadable_directory_stops_recording_until_it_can_be_read():
     rig.reactor.advance(2)
     assert rig.states[-1] == (STOPPED, "cannot read /recordings: input/output error")
     disk.error = None
-    rig.reactor.advance(2)
+    rig.reactor.advance(5)  # the next listing says so
     rig.pictures(1.0)
     assert rig.recorder.state == RECORDING and len(rig.ffmpegs()) == 2
 
@@ -438,7 +445,9 @@ def test_an_ffmpeg_that_takes_nothing_for_long_is_killed(said):
     # no new ffmpeg on that disk at the segment's end; this one waits
     assert transport.signals == [] and len(rig.ffmpegs()) == 1
     rig.pictures(2.0)
-    assert transport.signals == [signal.SIGKILL] and rig.recorder.state == FAILING
+    assert transport.signals == [signal.SIGKILL]
+    assert (FAILING, "ffmpeg has taken nothing for 10s writing 20261205T102030Z.mp4 "
+                     "(does the disk hang?)") in rig.states
     transport.end(Failure(ProcessTerminated(signal=signal.SIGKILL)))
     assert [level for level, _ in said].count("error") == 1  # no second line for the kill
 
