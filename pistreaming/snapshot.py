@@ -17,10 +17,11 @@ that comes while a decode runs waits for that decode, and the JPEG is
 kept, per width, and given to every request until a newer picture has
 arrived and it is more than L{FRESH_FOR} seconds old (so a hundred
 requests a second cost at most one decode a second), or, where a decode
-took longer than a tenth of that, ten times the decode's time
-(L{DECODE_SHARE}: decoding never takes more than a tenth of a core).  Decodes run one at
-a time (a request for another width waits for its turn), and a few widths
-at most are kept and waited for.  L{Snapshot.decodes} counts them, for
+took longer than a quarter of that, four times the decode's time
+(L{DECODE_SHARE}: decoding never takes more than a quarter of a core, even
+with a long keyframe interval and so a long start cache to decode).
+Decodes run one at a time (a request for another width waits for its
+turn), and a few widths at most are kept and waited for.  L{Snapshot.decodes} counts them, for
 /stats.json.
 
 Before the first picture (or when the start cache is empty, after a
@@ -48,7 +49,7 @@ FRESH_FOR = 1.0
 #: ...or longer, where decoding takes long (a long keyframe interval: the
 #: start cache holds many pictures): at most this share of a core goes to
 #: decoding however many ask.
-DECODE_SHARE = 0.1
+DECODE_SHARE = 0.25
 #: The narrowest ?width= (the widest is the picture's own).
 MIN_WIDTH = 16
 #: Seconds a decode may take before its ffmpeg is killed.

@@ -207,13 +207,17 @@ def test_many_asking_cost_a_few_decodes_and_the_picture_changes(daemons):
     with ThreadPoolExecutor(8) as pool:
         times = list(pool.map(ask, range(200)))
     took = time.monotonic() - started
-    last = snapshot(daemon)
     decodes = figures(daemon)["snapshot"]["decodes"] - before
     # 200 requests in about 2 s: a decode when the JPEG is a second old.
     assert 1.5 < took < 4
     assert decodes <= took / FRESH_FOR + 2, decodes
     assert sorted(times)[100] < 0.2, sorted(times)  # answers within 200 ms
-    assert last != first  # a picture of now, not of then
+    # A picture of now, not of then (a second or so later: how long a JPEG
+    # is kept grows where decoding is slow, as on a busy machine).
+    deadline = time.monotonic() + 10
+    while snapshot(daemon) == first:
+        assert time.monotonic() < deadline, "the snapshot never changed"
+        time.sleep(0.25)
 
 
 # -- recordings --------------------------------------------------------------------
