@@ -131,3 +131,45 @@ class StatsCollector:
                 if summary[key] is not None:
                     latency.add_metric([stage, quantile], summary[key] / 1000)
         yield latency
+        snapshot = s.get("snapshot")
+        if snapshot is not None:
+            yield _counter("pistream_snapshot_requests", "Requests for /snapshot.jpg.",
+                           snapshot["requests"])
+            yield _counter("pistream_snapshot_decodes",
+                           "Pictures decoded for /snapshot.jpg (at most one per new picture, "
+                           "however many ask).", snapshot["decodes"])
+            yield _counter("pistream_snapshot_decode_failures",
+                           "Decodes for /snapshot.jpg that gave no picture.",
+                           snapshot["decode_failures"])
+        recording = s.get("recording")
+        if recording is not None:
+            yield _gauge("pistream_recording_up",
+                         "1 while a segment is being recorded (--record); 0 while waiting for "
+                         "a keyframe, stopped (disk full) or failing.",
+                         1 if recording["state"] == "recording" else 0)
+            yield _gauge("pistream_recording_info",
+                         "The recorder's state (recording, starting, stopped, failing); the "
+                         "value is always 1.", 1, {"state": recording["state"]})
+            yield _gauge("pistream_recording_bytes", "Bytes the recorded segments take.",
+                         recording["bytes"])
+            yield _gauge("pistream_recording_segments", "Recorded segments on disk.",
+                         recording["segments"])
+            if recording["free_bytes"] is not None:
+                yield _gauge("pistream_recording_free_bytes",
+                             "Bytes free on the recordings' disk.", recording["free_bytes"])
+            if recording["keep_bytes"] is not None:
+                yield _gauge("pistream_recording_keep_bytes",
+                             "Bytes the recordings may take (--record-keep).",
+                             recording["keep_bytes"])
+            yield _counter("pistream_recording_segments_deleted",
+                           "Oldest segments deleted to stay within --record-keep.",
+                           recording["segments_deleted"])
+            yield _counter("pistream_recording_failures",
+                           "Times the recording's ffmpeg failed (a write error, a full or "
+                           "hung disk).", recording["failures"])
+            yield _counter("pistream_recording_written_bytes",
+                           "Bytes of the stream given to the recording's ffmpeg.",
+                           recording["bytes_written"])
+            yield _counter("pistream_recording_dropped_chunks",
+                           "Pieces of the stream not recorded because ffmpeg did not take "
+                           "them.", recording["chunks_dropped"])

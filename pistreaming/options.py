@@ -85,6 +85,13 @@ class Config:
     #: Host names (besides IP literals, localhost and this machine's names)
     #: that requests may name in their Host header; "*": any.
     allow_hosts: tuple = ()
+    #: Where recordings go (--record), or None: no recording.
+    record: "str | None" = None
+    #: Seconds of video per recorded segment (cut at the next keyframe).
+    record_segment: float = 600.0
+    #: How much the recordings may take: ("percent", p) of the free space
+    #: at start (with what earlier recordings take), or ("bytes", n).
+    record_keep: tuple = ("percent", 80.0)
 
     @property
     def geometry(self):
@@ -403,6 +410,68 @@ def find_ffmpeg(text):
     return os.path.abspath(path)
 
 
+#: Units of --record-segment, in seconds.
+TIME_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600}
+MIN_SEGMENT, MAX_SEGMENT = 1.0, 24 * 3600.0
+#: Units of --record-keep (decimal, as disks are sold).
+SIZE_UNITS = {"": 1, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9, "t": 10 ** 12}
+MIN_KEEP = 10 ** 6
+MIN_KEEP_PERCENT, MAX_KEEP_PERCENT = 1.0, 95.0
+
+
+def parse_record_dir(text):
+    """The recordings' directory, made absolute, and made if missing: one
+    that cannot be made or written to stops the daemon at start."""
+    if not text.strip():
+        raise usage.UsageError("--record: needs a directory (for example "
+                               "/var/lib/pistreaming/recordings)")
+    path = os.path.abspath(os.path.expanduser(text.strip()))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise usage.UsageError(f"--record: {path} is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise usage.UsageError(
+            f"--record: cannot make {path}: {(e.strerror or str(e)).lower()}") from None
+    if not os.path.isdir(path):
+        raise usage.UsageError(f"--record: {path} is not a directory")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise usage.UsageError(f"--record: {path}: permission denied (the daemon cannot "
+                               "write there)")
+    return path
+
+
+def parse_record_segment(text):
+    """A time (30s, 10m, 1h; a bare number is seconds) in seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhSMH]?)\s*", text)
+    if not match:
+        raise usage.UsageError(
+            f"--record-segment: {text!r} is not a time (for example 30s, 10m or 1h)")
+    seconds = float(match.group(1)) * TIME_UNITS[match.group(2).lower()]
+    if not MIN_SEGMENT <= seconds <= MAX_SEGMENT:
+        raise usage.UsageError(f"--record-segment: {text.strip()} is outside 1s..24h")
+    return seconds
+
+
+def parse_record_keep(text):
+    """A size (500M, 20G, 1.5T: decimal units, an optional B) or a share
+    of the free space at start (80%): ("bytes", n) or ("percent", p)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(%|[kKmMgGtT]?[bB]?)\s*", text)
+    if not match:
+        raise usage.UsageError(
+            f"--record-keep: {text!r} is neither a size (for example 500M or 20G) nor a "
+            "share of the free space (for example 50%)")
+    number, unit = float(match.group(1)), match.group(2)
+    if unit == "%":
+        if not MIN_KEEP_PERCENT <= number <= MAX_KEEP_PERCENT:
+            raise usage.UsageError(f"--record-keep: {text.strip()} is outside 1%..95%")
+        return ("percent", number)
+    size = int(number * SIZE_UNITS[unit.lower().rstrip("b")])
+    if size < MIN_KEEP:
+        raise usage.UsageError(f"--record-keep: {text.strip()} is less than 1M")
+    return ("bytes", size)
+
+
 def _as_text(value):
     """A Config default as the option's text (what --help and
     /etc/default/pistreaming show): 24, 800k, 1s, 10, 8084."""
@@ -484,6 +553,16 @@ class Options(usage.Options):
          "Other origins whose pages may open the stream, comma-separated "
          "(https://example.com); * allows any.  The page's own always may."],
         ["max-viewers", None, _as_text(Config.max_viewers), "At most this many viewers at once; 0: no limit."],
+        ["record", None, None,
+         "Record the stream, as it is encoded, into this directory (made if missing): "
+         "segments named by their start time in UTC, fragmented MP4 with --codec h264, "
+         "MPEG-TS with mpeg1; listed at /recordings/."],
+        ["record-segment", None, "10m",
+         "With --record: the length of each segment (30s, 10m, 1h), cut at the next "
+         "keyframe."],
+        ["record-keep", None, "80%",
+         "With --record: how much the recordings may take before the oldest are "
+         "deleted: a size (500M, 20G) or a share of the space free at start (80%)."],
     ]
 
     def __init__(self):
@@ -539,4 +618,19 @@ class Options(usage.Options):
                 parse_origins(self["allow-origin"]), self["passwd"]),
             allow_hosts=parse_hosts(self["allow-host"]),
             max_viewers=parse_count("max-viewers", self["max-viewers"], 0, 100_000),
+            **self._recording(),
         )
+
+    def _recording(self):
+        """--record and its settings (which mean nothing without it)."""
+        segment = parse_record_segment(self["record-segment"])
+        keep = parse_record_keep(self["record-keep"])
+        if self["record"] is None:
+            for option, value, default in (("record-segment", segment, Config.record_segment),
+                                           ("record-keep", keep, Config.record_keep)):
+                if value != default:
+                    raise usage.UsageError(
+                        f"--{option}: only with --record DIR (where the recordings go)")
+            return {}
+        return dict(record=parse_record_dir(self["record"]), record_segment=segment,
+                    record_keep=keep)

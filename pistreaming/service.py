@@ -21,6 +21,12 @@ lores) feeds that ffmpeg with them instead, at their size, and only while it
 runs:
 
     camera's lores stream (thread) -> on-demand ffmpeg -> MPEG-1 broadcaster
+
+Beside the viewers, taps take the same chunks: the snapshot
+(pistreaming.snapshot, /snapshot.jpg), which counts pictures and decodes
+the start cache when asked, and with C{--record} the recorder
+(pistreaming.recorder), which copies the stream into segments through an
+ffmpeg of its own (pistreaming.recordings serves them at /recordings/).
 """
 
 import functools
@@ -47,6 +53,9 @@ from pistreaming.ondemand import (OnDemand, OnDemandEncoder, OnDemandFactory, de
                                   lores_command)
 from pistreaming.stats import PictureTimes, Stats
 from pistreaming.web import make_site
+from pistreaming.recorder import Recorder, record_command
+from pistreaming.recordings import Recordings
+from pistreaming.snapshot import Snapshot, SnapshotResource, snapshot_command
 
 log = Logger()
 
@@ -148,13 +157,18 @@ class Pistream(service.MultiService):
                 self.camera = CameraService(source, geometry.frame_size, self.encoder.feed,
                                             reactor, on_state=self._camera_state)
         self.camera_reason = why
+        self._taps(config, reactor)
         self.stats = Stats(reactor, config, source, self.encoder, self.fanout, self.factory,
                            camera=self.camera, pending=self.pending, times=self.times,
-                           h264=self.h264, on_demand=self.on_demand)
+                           h264=self.h264, on_demand=self.on_demand, snapshot=self.snapshot,
+                           recorder=self.recorder)
         self.site = make_site(config, self.factory, stats=self.stats, player=player,
                               authenticator=self.authenticator, reactor=reactor,
                               hosts=self.hosts, pending=self.pending,
-                              mpeg1_factory=self.mpeg1_factory)
+                              mpeg1_factory=self.mpeg1_factory,
+                              snapshot=SnapshotResource(self.snapshot),
+                              recordings=(Recordings(self.recorder)
+                                          if self.recorder is not None else None))
 
         # Listening ports first: a port that cannot be bound stops start-up.
         self.http = listen_service(config.http, self.site, reactor)
@@ -171,6 +185,8 @@ class Pistream(service.MultiService):
             mpeg1.setServiceParent(self)
             self.on_demand.setServiceParent(self)
         self.stats.setServiceParent(self)
+        if self.recorder is not None:
+            self.recorder.setServiceParent(self)
         if self.encoder is not None:
             self.encoder.setServiceParent(self)
         if self.camera is not None:
@@ -178,6 +194,35 @@ class Pistream(service.MultiService):
         # Last: it freezes what the others are made of once they have started.
         self.collector = Collector(reactor)
         self.collector.setServiceParent(self)
+
+    def _taps(self, config, reactor):
+        """The snapshot, and with --record the recorder: taps of the stream."""
+        ffmpeg, codec = config.ffmpeg, config.codec
+        self.snapshot = Snapshot(
+            codec, lambda: [chunk for chunk, _ in self.fanout.start_cache.chunks],
+            self._picture_size,
+            lambda last, width: snapshot_command(ffmpeg, codec, last, width), reactor)
+        self.taps.append(self.snapshot)
+        self.recorder = None
+        if config.record:
+            self.recorder = Recorder(
+                config.record, codec,
+                lambda path: record_command(ffmpeg, codec, path), reactor,
+                segment_length=config.record_segment, keep=config.record_keep,
+                framerate=config.framerate, on_state=self._recording_state)
+            self.taps.append(self.recorder)
+            self._recording_state(self.recorder.state, self.recorder.why)
+
+    def _picture_size(self):
+        stream = self.h264.config if self.h264 is not None else None
+        if stream is not None:
+            return stream.width, stream.height
+        return self.config.width, self.config.height
+
+    def _recording_state(self, state, why):
+        # The page's overlay says whether the camera records (a key of its
+        # own for the reason: "why" is the camera's and the encoder's).
+        self._status(recording=state, recording_why=why)
 
     def _status(self, **status):
         # To the viewers of every stream (the MPEG-1 one's are made of the

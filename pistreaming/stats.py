@@ -46,6 +46,21 @@ count the viewers of both streams (``--max-viewers`` is one limit for
 both), and each viewer in
 ``viewers.list`` says which it watches (``"stream": "h264"`` or
 ``"mpeg1"``).
+
+``snapshot`` (/snapshot.jpg, pistreaming.snapshot): ``requests``,
+``decodes`` (ffmpeg runs: at most one per new picture, however many ask),
+``decode_failures``, ``answered_from_cache``, ``unavailable`` (503s), and
+``decode_ms`` and ``answer_ms`` over the last minute.
+
+With ``--record``, ``recording`` (pistreaming.recorder): ``state``
+("recording", "starting": waiting for a keyframe, "stopped": below the
+floor of free space or the directory unreadable, "failing": ffmpeg failed
+and is started again after a pause) and ``why``; ``directory``,
+``container``, ``segment_seconds``, ``current`` (the segment being
+written), ``segments`` and ``bytes`` (on disk), ``keep_bytes``,
+``free_bytes``, ``floor_bytes``, ``segments_started``,
+``segments_deleted``, ``failures``, ``bytes_written`` and
+``chunks_dropped`` (not taken by a slow ffmpeg).
 """
 
 import collections
@@ -136,7 +151,8 @@ class Stats(TimerService):
     name = "stats"
 
     def __init__(self, reactor, config, source, encoder, fanout, stream, camera=None,
-                 pending=None, times=None, sample_interval=1.0, h264=None, on_demand=None):
+                 pending=None, times=None, sample_interval=1.0, h264=None, on_demand=None,
+                 snapshot=None, recorder=None):
         """
         @param reactor: the clock.
         @param config: the L{pistreaming.options.Config} (size, rates set).
@@ -157,6 +173,9 @@ class Stats(TimerService):
             figures are the camera's.
         @param on_demand: the L{pistreaming.ondemand.OnDemand} MPEG-1
             stream (with C{--codec h264}), or None.
+        @param snapshot: the L{pistreaming.snapshot.Snapshot}, or None.
+        @param recorder: the L{pistreaming.recorder.Recorder} (with
+            C{--record}), or None.
         """
         super().__init__(sample_interval, self._sample)
         self.clock = reactor
@@ -172,6 +191,8 @@ class Stats(TimerService):
         self.started_at = reactor.seconds()
         self.h264 = h264
         self.on_demand = on_demand
+        self.snapshot = snapshot
+        self.recorder = recorder
         if h264 is not None:
             self.bitrate = Rate(lambda: h264.bytes * 8)
             self.framerate = Rate(lambda: h264.access_units)
@@ -313,4 +334,8 @@ class Stats(TimerService):
         }
         if mpeg1 is not None:
             figures["mpeg1_on_demand"] = mpeg1
+        if self.snapshot is not None:
+            figures["snapshot"] = self.snapshot.figures(now)
+        if self.recorder is not None:
+            figures["recording"] = self.recorder.figures(now)
         return figures

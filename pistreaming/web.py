@@ -13,6 +13,8 @@ Routes (anything else is 404; methods other than GET and HEAD are 405):
                    the separate WebSocket port serves too)
     /stats.json    the daemon's figures (pistreaming.stats), as JSON
     /metrics       the same figures in the Prometheus text format
+    /snapshot.jpg  the latest picture as a JPEG (pistreaming.snapshot)
+    /recordings/   with --record, the recordings (pistreaming.recordings)
 
 With --passwd, all of them (the stream too) stand behind pistreaming.auth's
 Gate.  Every response names no server version and carries a restrictive
@@ -291,10 +293,16 @@ NOT_FOUND = NotFound()
 
 
 class Root(resource.Resource):
-    def __init__(self, pages, stream):
+    def __init__(self, pages, stream, trees=None):
+        """
+        @param pages: name -> resource of a page with nothing after its name.
+        @param trees: name -> resource that takes the rest of the path
+            (/recordings/...).
+        """
         super().__init__()
         self.pages = pages
         self.stream = stream
+        self.trees = trees or {}
 
     def getChild(self, name, request):
         if name == b"":
@@ -306,6 +314,9 @@ class Root(resource.Resource):
             return self.pages[b"index.html"]
         if name == STREAM_PATH.encode() and not request.postpath:
             return self.stream
+        tree = self.trees.get(name)
+        if tree is not None:
+            return tree
         page = self.pages.get(name)
         if page is not None and not request.postpath:
             return page
@@ -397,13 +408,14 @@ def content_security_policy(host, styles=b"", scripts=b""):
     player's style, see L{player_styles}); its images and stream;
     WebAssembly for the player's decoder; the video element's media from a
     blob: URL (Media Source Extensions, the H.264 path where the page is no
-    secure context); no frames, no forms, no plugins."""
+    secure context) and from this site (a recording played at
+    /recordings/); no frames, no forms, no plugins."""
     connect = b"'self'"
     if host and _HOST.match(host):
         # Older browsers do not count ws: and wss: to this host as 'self'.
         connect += b" ws://" + host + b" wss://" + host
     return (b"default-src 'none'; script-src 'self' 'wasm-unsafe-eval'" + scripts + b"; "
-            b"style-src 'self'" + styles + b"; img-src 'self' data:; media-src blob:; "
+            b"style-src 'self'" + styles + b"; img-src 'self' data:; media-src 'self' blob:; "
             b"connect-src " + connect + b"; "
             b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
@@ -468,7 +480,8 @@ def render_theme(config):
 
 
 def make_site(config, stream_factory, stats=None, player=None, authenticator=None,
-              reactor=None, hosts=None, pending=None, mpeg1_factory=None):
+              reactor=None, hosts=None, pending=None, mpeg1_factory=None, snapshot=None,
+              recordings=None):
     """The Site for C{config}; C{stream_factory} serves /stream (and
     C{mpeg1_factory}, if given, /stream?codec=mpeg1) and C{stats}
     (a L{pistreaming.stats.Stats}) /stats.json and /metrics.  With an
@@ -476,7 +489,9 @@ def make_site(config, stream_factory, stats=None, player=None, authenticator=Non
     C{hosts} (a L{pistreaming.hosts.HostPolicy}) is the names requests may
     be for (None: any); C{pending} (a
     L{pistreaming.admission.PendingConnections}) counts the connections
-    that have not sent a whole request yet (None: not counted)."""
+    that have not sent a whole request yet (None: not counted).
+    C{snapshot} serves /snapshot.jpg and C{recordings} /recordings/ (each
+    None: not served)."""
     if player is None:
         player = read_player()
     template = read_static("index.html").decode("utf-8")
@@ -495,7 +510,10 @@ def make_site(config, stream_factory, stats=None, player=None, authenticator=Non
         pages[b"stats.json"] = LiveDocument(
             stats_json(stats, protected=authenticator is not None), b"application/json")
         pages[b"metrics"] = LiveDocument(*metrics_text(stats))
-    root = Root(pages, Stream(stream_factory, mpeg1=mpeg1_factory))
+    if snapshot is not None:
+        pages[b"snapshot.jpg"] = snapshot
+    trees = {b"recordings": recordings} if recordings is not None else {}
+    root = Root(pages, Stream(stream_factory, mpeg1=mpeg1_factory), trees)
     if authenticator is not None:
         root = Gate(root, authenticator)
     kwargs = {"reactor": reactor} if reactor is not None else {}

@@ -58,6 +58,9 @@ SYSTEM_TREES = ("/etc", "/lib", "/usr", "/var/lib")
 # An administrator's change to the defaults file: both ports on loopback, on
 # free ports (the test reads them from the log).
 CHANGED_OPTS = "--http=tcp:0:interface=127.0.0.1 --ws-port=tcp:0:interface=127.0.0.1"
+# The unit's StateDirectory=, and where the README says recordings go.
+STATE = "/var/lib/pistreaming"
+RECORDINGS = f"{STATE}/recordings"
 
 
 def why_not_here():
@@ -164,6 +167,7 @@ def clean_up():
         run(["userdel", USER], check=False)
     if group_exists():
         run(["groupdel", USER], check=False)
+    shutil.rmtree(STATE, ignore_errors=True)  # made by the tests (build() checks)
 
 
 def processes_of_user():
@@ -204,6 +208,9 @@ def build(tmp_path_factory):
     if state is not None:
         pytest.fail(f"{PACKAGE} is already on this machine ({' '.join(state)}); this test "
                     f"installs and purges it, so remove it first: apt-get purge {PACKAGE}")
+    if os.path.lexists(STATE):
+        pytest.fail(f"{STATE} is on this machine (recordings of an earlier install?); "
+                    f"this test makes and deletes it, so move it away first")
     before = names_containing_pistream()
     top = tmp_path_factory.mktemp("deb")
     source = top / "pistreaming"
@@ -389,6 +396,10 @@ class UnitDaemon(Daemon):
         sandbox = ["setpriv", f"--reuid={user}", f"--regid={service['Group'][-1]}",
                    "--init-groups", "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all"]
         umask = int(service.get("UMask", ["0022"])[-1], 8)
+        for name in service.get("StateDirectory", []):  # as systemd makes it
+            path = os.path.join("/var/lib", name)
+            os.makedirs(path, mode=0o755, exist_ok=True)
+            shutil.chown(path, user, service["Group"][-1])
         return sandbox + ["--"] + argv, {
             "cwd": "/", "umask": umask,
             "env": {"PATH": SYSTEM_PATH, "LANG": "C.UTF-8", "HOME": account.pw_dir,
@@ -531,7 +542,7 @@ def test_the_installed_daemon_streams_mpeg1_when_asked(build, tmp_path):
     with open(DEFAULTS) as f:
         kept = f.read()
     with open(DEFAULTS, "w") as f:
-        f.write(set_options(kept, CHANGED_OPTS + " --codec=mpeg1"))
+        f.write(set_options(kept, CHANGED_OPTS + f" --codec=mpeg1 --record={RECORDINGS}"))
     try:
         with UnitDaemon() as daemon:
             ws = websocket.create_connection(
@@ -549,6 +560,13 @@ def test_the_installed_daemon_streams_mpeg1_when_asked(build, tmp_path):
     frames = decoded_frames(video_bytes, tmp_path)
     assert len(frames) >= 20, f"{len(frames)} pictures in 2 s"
     assert {(f["width"], f["height"]) for f in frames} == {(640, 480)}
+    # and recorded it in the state directory, the one place it may write
+    recorded = sorted(os.listdir(RECORDINGS))
+    assert len(recorded) == 1 and recorded[0].endswith("Z.ts"), recorded
+    probe = run(["ffprobe", "-v", "error", "-count_frames", "-show_entries",
+                 "stream=nb_read_frames", "-of", "csv=p=0",
+                 os.path.join(RECORDINGS, recorded[0])]).stdout
+    assert int(probe.split()[0]) >= 12
 
 
 def test_remove_then_purge_leave_nothing_behind(build):
@@ -563,7 +581,15 @@ def test_remove_then_purge_leave_nothing_behind(build):
     listed = run(["/usr/bin/twistd3", "--help"], cwd="/").stdout
     assert not re.search(r"^\s+pistream\s", listed, re.M)
 
-    apt_get("purge", PACKAGE)
+    # What the daemon recorded (if the test above ran) is the user's: purge
+    # keeps it and says so; the test deletes it afterwards.
+    os.makedirs(RECORDINGS, exist_ok=True)
+    kept = os.path.join(RECORDINGS, "20261205T102030Z.mp4")
+    with open(kept, "wb") as f:
+        f.write(b"recorded")
+    purged = apt_get("purge", PACKAGE)
+    assert os.path.exists(kept) and "kept /var/lib/pistreaming" in purged.stdout + purged.stderr
+    shutil.rmtree(STATE)
     assert package_status() is None
     for path in (DEFAULTS, WANTS, UNIT,
                  "/var/lib/systemd/deb-systemd-helper-enabled/pistreaming.service.dsh-also"):

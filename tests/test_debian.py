@@ -97,6 +97,15 @@ def test_the_sandbox_leaves_the_camera_devices_reachable(service):
         assert option in service, option
 
 
+def test_recordings_have_a_writable_state_directory_and_the_rest_stays_read_only(service):
+    # systemd makes /var/lib/pistreaming for the service's user: the one
+    # place it may write; --record there is how recording is turned on.
+    assert service["ProtectSystem"] == ["strict"]
+    assert service["StateDirectory"] == ["pistreaming"]
+    assert "--record=/var/lib/pistreaming/recordings" in debian_file("pistreaming.default")
+    # (That purging keeps recordings: tests/test_deb_package.py.)
+
+
 def test_every_lintian_override_gives_its_reason():
     lines = debian_file("pistreaming.lintian-overrides").splitlines()
     overrides = [i for i, line in enumerate(lines) if line.startswith("pistreaming: ")]

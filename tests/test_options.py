@@ -236,3 +236,66 @@ def test_a_port_in_use_stops_start_up_with_one_line():
     assert (f"twistd pistream: error: --http tcp:{port}:interface=127.0.0.1: "
             f"cannot listen on port {port}: address already in use") in output
     assert "Traceback" not in output
+
+
+# -- recording (--record, --record-segment, --record-keep) ----------------------
+
+def test_recording_is_off_unless_asked_and_its_settings_have_defaults(tmp_path):
+    config = parse()
+    assert config.record is None
+    assert (config.record_segment, config.record_keep) == (600.0, ("percent", 80.0))
+    where = tmp_path / "new" / "recordings"
+    config = parse("--record", str(where))
+    assert config.record == str(where) and where.is_dir()  # made if missing
+
+
+@pytest.mark.parametrize("value,seconds", [
+    ("30s", 30.0), ("10m", 600.0), ("1h", 3600.0), ("90", 90.0), ("1.5m", 90.0),
+    ("2S", 2.0), ("24h", 86400.0), ("1s", 1.0)])
+def test_a_segment_is_a_time_as_backlog_takes(value, seconds, tmp_path):
+    assert parse("--record", str(tmp_path), "--record-segment", value).record_segment == seconds
+
+
+@pytest.mark.parametrize("value,keep", [
+    ("500M", ("bytes", 500 * 10 ** 6)), ("20G", ("bytes", 20 * 10 ** 9)),
+    ("1.5T", ("bytes", 1.5 * 10 ** 12)), ("2GB", ("bytes", 2 * 10 ** 9)),
+    ("50%", ("percent", 50.0)), ("1000000", ("bytes", 10 ** 6))])
+def test_keep_is_a_size_or_a_share_of_the_free_space(value, keep, tmp_path):
+    assert parse("--record", str(tmp_path), "--record-keep", value).record_keep == keep
+
+
+def test_bad_recording_settings_are_refused_with_a_reason(tmp_path):
+    where = str(tmp_path)
+    for args, message in (
+            (("--record-segment", "soon"), "--record-segment: 'soon' is not a time (for "
+                                           "example 30s, 10m or 1h)"),
+            (("--record-segment", "0.5s"), "--record-segment: 0.5s is outside 1s..24h"),
+            (("--record-segment", "2d"), "--record-segment: '2d' is not a time"),
+            (("--record-segment", "25h"), "--record-segment: 25h is outside 1s..24h"),
+            (("--record-keep", "lots"), "--record-keep: 'lots' is neither a size"),
+            (("--record-keep", "100%"), "--record-keep: 100% is outside 1%..95%"),
+            (("--record-keep", "0.5M"), "--record-keep: 0.5M is less than 1M"),
+            (("--record-keep", "5P"), "--record-keep: '5P' is neither a size")):
+        assert message in error_of("--record", where, *args)
+    # the settings mean nothing without --record: said, not ignored
+    assert error_of("--record-keep", "20G") == \
+        "--record-keep: only with --record DIR (where the recordings go)"
+    assert "--record-segment: only with --record" in error_of("--record-segment", "30s")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_a_directory_that_cannot_be_written_is_refused(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    assert error_of("--record", str(locked)) == \
+        f"--record: {locked}: permission denied (the daemon cannot write there)"
+    assert error_of("--record", str(locked / "sub")) == \
+        f"--record: cannot make {locked / 'sub'}: permission denied"
+
+
+def test_a_file_is_not_a_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    assert error_of("--record", str(tmp_path / "file")) == \
+        f"--record: {tmp_path / 'file'} is not a directory"
+    assert error_of("--record", "") == \
+        "--record: needs a directory (for example /var/lib/pistreaming/recordings)"

@@ -13,7 +13,9 @@
  * status: {"viewers": n}, {"camera": "ok"} or {"camera": "unavailable",
  * "why": "..."}, and the same for "encoder"; with H.264, {"video": "corrupt"}
  * or {"video": "waiting"} while the daemon holds pictures back until the next
- * keyframe (a damaged one, or none with parameter sets yet), then "ok".
+ * keyframe (a damaged one, or none with parameter sets yet), then "ok";
+ * with --record, {"recording": "recording" | "starting" | "stopped" |
+ * "failing", "recording_why": "..."}, which the overlay shows.
  *
  * Each way of playing is a small player object, made for a connection once
  * its first message says what the stream is: Mpeg1Player (JSMpeg's parts),
@@ -94,6 +96,8 @@
     state: 'connecting', frames: 0, drawn: 0, overtaken: 0, width: 0, height: 0,
     connects: 0, url: '', bytes: 0, viewers: null, camera: 'ok', encoder: 'ok', video: 'ok',
     why: '',
+    // With --record: the recorder's state and why (the overlay shows it).
+    recording: '', recordingWhy: '',
     renderer: '', decoder: '',
     // The stream: 'mpeg1' or 'h264'; for H.264 the stream message's
     // settings, and what the page sees of it: keyframes, the time between
@@ -1743,6 +1747,8 @@
     if ('camera' in message) { state.camera = message.camera; }
     if ('encoder' in message) { state.encoder = message.encoder; }
     if ('video' in message) { state.video = message.video; }
+    if ('recording' in message) { state.recording = message.recording || ''; }
+    if ('recording_why' in message) { state.recordingWhy = message.recording_why || ''; }
     if (('camera' in message || 'encoder' in message || 'video' in message) &&
         !state.notice) {
       if ('why' in message) { state.why = message.why; }
@@ -1856,6 +1862,12 @@
       ];
       if (connection && connection.player) {
         lines = lines.concat(connection.player.describe());
+      }
+      if (state.recording === 'recording') {
+        lines.push('recording');
+      } else if (state.recording) {
+        lines.push('recording ' + state.recording +
+                   (state.recordingWhy ? ': ' + state.recordingWhy : ''));
       }
       overlay.textContent = lines.join('\n');
     }
