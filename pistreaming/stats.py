@@ -36,6 +36,25 @@ out).  ``viewers`` and ``broadcast.turned_away`` count the viewers of both
 streams (``--max-viewers`` is one limit for both), and each viewer in
 ``viewers.list`` says which it watches (``"stream": "h264"`` or
 ``"mpeg1"``).
+
+With ``--push`` there is also ``push``: one object per media server the
+stream is pushed to (pistreaming.push), in the order given::
+
+    {"target": "rtmp://a.rtmp.youtube.com/live2/****", "state": "live",
+     "since": 1700000000.0, "for": 62.5, "next_try_in": null, "pid": 4242,
+     "bytes_sent": 6250000, "bytes_in": 6100000, "chunks_in": 1875,
+     "dropped": 0, "fell_behind": 0, "starts": 1, "restarts": 0,
+     "stalls": 0, "error": null}
+
+``target`` is the URL with its stream key, password and query values
+masked (the key is nowhere in the figures); ``state`` is ``connecting``
+(ffmpeg started, nothing sent yet), ``live`` (its bytes out grow),
+``backing off`` (it ended; ``next_try_in`` seconds until it starts again)
+or ``stopped``; ``since`` is when that state began, ``for`` how long ago;
+``bytes_sent`` is what ffmpeg sent over every run (null for RTSP, whose
+muxer does not count it); ``dropped`` counts chunks not given to ffmpeg
+while it was behind or waited for a keyframe; ``error`` is the last
+failure, with ffmpeg's last error line.
 """
 
 import collections
@@ -126,7 +145,8 @@ class Stats(TimerService):
     name = "stats"
 
     def __init__(self, reactor, config, source, encoder, fanout, stream, camera=None,
-                 pending=None, times=None, sample_interval=1.0, h264=None, on_demand=None):
+                 pending=None, times=None, sample_interval=1.0, h264=None, on_demand=None,
+                 push=None):
         """
         @param reactor: the clock.
         @param config: the L{pistreaming.options.Config} (size, rates set).
@@ -147,6 +167,7 @@ class Stats(TimerService):
             figures are the camera's.
         @param on_demand: the L{pistreaming.ondemand.OnDemand} MPEG-1
             stream (with C{--codec h264}), or None.
+        @param push: the L{pistreaming.push.Pushes} (C{--push}), or None.
         """
         super().__init__(sample_interval, self._sample)
         self.clock = reactor
@@ -162,6 +183,7 @@ class Stats(TimerService):
         self.started_at = reactor.seconds()
         self.h264 = h264
         self.on_demand = on_demand
+        self.push = push
         if h264 is not None:
             self.bitrate = Rate(lambda: h264.bytes * 8)
             self.framerate = Rate(lambda: h264.access_units)
@@ -299,4 +321,6 @@ class Stats(TimerService):
         }
         if mpeg1 is not None:
             figures["mpeg1_on_demand"] = mpeg1
+        if self.push is not None:
+            figures["push"] = self.push.figures(now)
         return figures
