@@ -25,7 +25,6 @@ import subprocess
 import threading
 import time
 import urllib.request
-import xml.etree.ElementTree as ET
 from types import SimpleNamespace
 
 import pytest
@@ -33,9 +32,8 @@ import websocket
 
 from pistreaming.h264 import parse_message
 from tests.daemon import Daemon
+from tests.nginx import Nginx, NginxMissing, free_port
 
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
-RTMP_MODULE = "/usr/lib/nginx/modules/ngx_rtmp_module.so"
 FFMPEG = shutil.which("ffmpeg")
 FFPROBE = shutil.which("ffprobe")
 
@@ -52,107 +50,6 @@ MAX_DELAY = 1.0
 PRELUDE = (f"import pistreaming.push as p; p.TIMEOUT = {TIMEOUT}; "
            f"p.FIRST_DELAY = {FIRST_DELAY}; p.MAX_DELAY = {MAX_DELAY}")
 RATE = 30
-
-
-def free_port(kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-NGINX_CONF = """\
-daemon off;
-master_process off;
-worker_processes 1;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log info;
-load_module {module};
-events {{ worker_connections 64; }}
-rtmp {{
-    server {{
-        listen 127.0.0.1:{rtmp};
-        chunk_size 4096;
-        application live {{
-            live on;
-            record off;
-            hls on;
-            hls_path {dir}/hls;
-            hls_fragment 500ms;
-            hls_playlist_length 3s;
-        }}
-    }}
-}}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/client_body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    server {{
-        listen 127.0.0.1:{http};
-        location /stat {{ rtmp_stat all; }}
-    }}
-}}
-"""
-
-
-class Nginx:
-    """nginx with the RTMP module, unprivileged, in C{directory}: started,
-    killed, stopped and let go by the test."""
-
-    def __init__(self, directory):
-        if not os.path.exists(NGINX) or not os.path.exists(RTMP_MODULE):
-            pytest.fail("nginx with its RTMP module is not installed: ./dev test installs "
-                        "it (apt-get install nginx libnginx-mod-rtmp)")
-        self.dir = str(directory)
-        os.makedirs(os.path.join(self.dir, "hls"), exist_ok=True)
-        self.rtmp, self.http = free_port(), free_port()
-        self.conf = os.path.join(self.dir, "nginx.conf")
-        with open(self.conf, "w") as f:
-            f.write(NGINX_CONF.format(dir=self.dir, module=RTMP_MODULE, rtmp=self.rtmp,
-                                      http=self.http))
-        self.process = None
-
-    def start(self):
-        self.process = subprocess.Popen(
-            [NGINX, "-p", self.dir, "-c", self.conf, "-e", os.path.join(self.dir, "error.log")],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while True:  # up once its statistics answer
-            try:
-                self.stat()
-                return
-            except OSError:
-                assert self.process.poll() is None, "nginx exited: " + self.error_log()
-                assert time.monotonic() < deadline, "nginx did not answer within 10 s"
-                time.sleep(0.05)
-
-    def signal(self, signum):
-        self.process.send_signal(signum)
-        if signum == signal.SIGKILL:
-            self.process.wait(5)
-
-    def stop(self):
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.kill()
-            self.process.wait(5)
-
-    def stat(self):
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/stat", timeout=2) as r:
-            return ET.fromstring(r.read())
-
-    def publisher(self, name):
-        """The statistics page's <stream> of C{name}, if it is published."""
-        for stream in self.stat().iter("stream"):
-            if stream.findtext("name") == name and stream.find("publishing") is not None:
-                return stream
-        return None
-
-    def error_log(self):
-        with open(os.path.join(self.dir, "error.log")) as f:
-            return f.read()[-3000:]
 
 
 class Receiver:
@@ -199,7 +96,10 @@ def scene(tmp_path_factory):
     """nginx (not started), the RTSP and SRT receivers, and the two
     daemons, started before nginx."""
     directory = tmp_path_factory.mktemp("push")
-    nginx = Nginx(directory)
+    try:
+        nginx = Nginx(directory)
+    except NginxMissing as e:
+        pytest.fail(str(e))
     rtsp_port, srt_port = free_port(), free_port(socket.SOCK_DGRAM)
     receivers = [
         Receiver(directory, "rtsp", ["-rtsp_flags", "listen",
@@ -318,7 +218,7 @@ def test_daemons_started_before_nginx_go_live_once_nginx_is_up(scene):
 
 
 def test_nginx_shows_h264_of_the_right_size_and_its_hls_decodes(scene):
-    nginx, h264, mpeg1 = scene.nginx, scene.h264, scene.mpeg1
+    nginx = scene.nginx
     live(scene)
     for key, size, audio in ((KEY_H264, (320, 240), None), (KEY_MPEG1, (352, 288), "AAC")):
         publisher = wait_until(
@@ -368,7 +268,7 @@ def test_nginx_killed_the_push_backs_off_and_is_live_again_with_the_viewer_at_fu
 
 
 def test_nginx_stopped_the_push_is_restarted_within_its_timeout(scene):
-    nginx, h264, mpeg1 = scene.nginx, scene.h264, scene.mpeg1
+    nginx, h264 = scene.nginx, scene.h264
     live(scene)
     viewer = Viewer(h264)
     mark = len(h264.lines)
@@ -420,8 +320,7 @@ def test_rtsp_and_srt_pushes_reach_their_receivers(scene):
 
 
 def test_no_key_in_any_log_line_stats_or_metrics(scene):
-    nginx, h264, mpeg1 = scene.nginx, scene.h264, scene.mpeg1
-    for daemon in (h264, mpeg1):
+    for daemon in (scene.h264, scene.mpeg1):
         with urllib.request.urlopen(daemon.base_url + "metrics", timeout=5) as r:
             metrics = r.read().decode()
         stats = stats_of(daemon)
