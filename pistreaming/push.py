@@ -48,7 +48,8 @@ doubling to 30 s (L{FIRST_DELAY}, L{MAX_DELAY}), from 1 s again after a
 run live for a minute (L{LIVE_RESET}).
 
 Stream keys are never shown: each target is known by its URL with the key
-masked (L{Target.shown}: the path past the application for RTMP, the
+masked (L{Target.shown}: the path past the application for RTMP, or
+the whole path where it has one name only, the
 password of C{user:password@}, every query value but a few settings of
 SRT's), in the log, /stats.json, /metrics and the page; what ffmpeg writes
 on its stderr, which names the URL, is masked before it is logged or kept.
@@ -188,7 +189,7 @@ def parse_target(text):
         key = key.strip("/")
         if key:
             secrets |= _forms(key)
-        elif app:  # one name only: the key, it may be, without its application
+        elif app:  # one name only (MediaMTX's path), or a key without its application
             secrets |= _forms(app)
     pairs = []
     for item in parts.query.split("&") if parts.query else ():
@@ -232,9 +233,9 @@ def parse_target(text):
         port = default_port
     if not 1 <= port <= 65535:
         raise wrong("its port is not a number in 1..65535")
-    if scheme in ("rtmp", "rtmps") and not (app and key):
-        raise wrong(f"{scheme}:// needs the application and the stream key: "
-                    f"{scheme}://HOST/APP/KEY")
+    if scheme in ("rtmp", "rtmps") and not app:
+        raise wrong(f"{scheme}:// needs the stream's name: {scheme}://HOST/APP/KEY "
+                    f"(nginx, YouTube, Twitch) or {scheme}://HOST/PATH (MediaMTX)")
     if scheme == "rtsp" and not path.strip("/"):
         raise wrong("rtsp:// needs the stream's path on the server: rtsp://HOST:PORT/PATH")
     if scheme == "srt" and path.strip("/"):

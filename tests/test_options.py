@@ -218,8 +218,8 @@ def test_tap_turns_a_usage_error_into_one_line():
     (["--framerate", "20"], "twistd pistream: error: --framerate: '20' is not a rate MPEG-1 can carry"),
     (["--ffmpeg", "/nonexistent/ffmpeg"], "twistd pistream: error: --ffmpeg: /nonexistent/ffmpeg is not an executable file"),
     (["--no-such-option"], "twistd pistream: error: option --no-such-option not recognized"),
-    (["--push", "rtmp://h.example/s3cret"], "twistd pistream: error: --push: "
-     "rtmp://h.example/****: rtmp:// needs the application and the stream key"),
+    (["--push", "rtmp://h.example:0/live/s3cret"], "twistd pistream: error: --push: "
+     "rtmp://h.example:0/live/****: its port is not a number in 1..65535"),
 ])
 def test_daemon_refuses_to_start_with_one_line(args, expected):
     env = dict(os.environ, PYTHONPATH=ROOT)

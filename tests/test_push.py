@@ -44,6 +44,10 @@ KEY = "abcd-7kq2-x9vw-secret"
      "rtsp://cam:****@192.0.2.10:8554/garden"),
     ("rtsp://mediamtx.local/garden", "rtsp", "mediamtx.local", 554, "rtsp",
      "rtsp://mediamtx.local/garden"),
+    # MediaMTX's RTMP: a path alone (it may be a key without its application)
+    (f"rtmp://mediamtx.local/{KEY}?user=cam&pass={KEY}", "rtmp", "mediamtx.local", 1935,
+     "flv", "rtmp://mediamtx.local/****?user=****&pass=****"),
+    ("rtmp://h.example/live/", "rtmp", "h.example", 1935, "flv", "rtmp://h.example/****"),
     (f"srt://192.0.2.10:8890?streamid=publish:garden:cam:{KEY}&latency=200000&mode=caller",
      "srt", "192.0.2.10", 8890, "mpegts",
      "srt://192.0.2.10:8890?streamid=****&latency=200000&mode=caller"),
@@ -83,9 +87,9 @@ def test_masking_covers_the_forms_ffmpeg_may_print():
     (f"rtmp://h.example:99999/live/{KEY}", "rtmp://h.example:99999/live/****: its port is not"),
     (f"rtmp://h.example:0/live/{KEY}", "its port is not a number in 1..65535"),
     (f"rtmp://h.example:port/live/{KEY}", "its port is not a number in 1..65535"),
-    (f"rtmp://h.example/{KEY}", "rtmp://h.example/****: rtmp:// needs the application and"),
-    ("rtmp://h.example/live/", "rtmp:// needs the application and the stream key"),
-    ("rtmp://h.example/", "rtmp://h.example/: rtmp:// needs the application and the stream"),
+    ("rtmp://h.example/", "rtmp://h.example/: rtmp:// needs the stream's name: "
+                          "rtmp://HOST/APP/KEY (nginx, YouTube, Twitch) or rtmp://HOST/PATH"),
+    ("rtmps://h.example", "rtmps:// needs the stream's name"),
     (f"rtmp://h.example/live/{KEY}#2", "it has a # in it (write it as %23)"),
     ("rtsp://h.example:8554/", "rtsp:// needs the stream's path on the server"),
     (f"srt://h.example?streamid={KEY}", "srt://h.example?streamid=****: srt:// needs a port"),
