@@ -541,3 +541,47 @@ def test_pushes_one_ffmpeg_per_target_and_numbers_the_ones_shown_alike():
                    reactor, find_encoder=lambda ffmpeg: (None, "none here"), env={})
     assert mpeg1.encoder == "libx264"
     assert "libx264" in mpeg1.targets[0].command
+
+
+def test_stats_json_and_metrics_show_each_push_by_its_masked_url():
+    from pistreaming.broadcast import StreamFactory
+    from pistreaming.frames import stream_header
+    from pistreaming.stats import Stats
+    from pistreaming.web import metrics_text
+
+    reactor = SpawningReactor()
+    config = Config(codec="mpeg1", ffmpeg="/usr/bin/ffmpeg",
+                    push=(parse_target(f"rtmp://h.example/live/{KEY}"),
+                          parse_target(f"srt://h.example:9000?streamid={KEY}")))
+    pushes = Pushes(config, reactor, find_encoder=lambda ffmpeg: (None, "none here"), env={})
+    stream = StreamFactory(stream_header(640, 480), reactor)
+    encoder = SimpleNamespace(process=None, restarts=0, frames_in=0, frames_dropped=0,
+                              bytes_in=0, bytes_out=0, pictures_out=0, state="ok", why=None)
+    stats = Stats(reactor, config, SimpleNamespace(name="test"), encoder, stream.fanout,
+                  stream, push=pushes)
+    pushes.startService()
+    rtmp, srt = pushes.targets
+    rtmp.feed(keyframe())
+    reactor.spawned[0][0].outReceived(b"frame=3\ntotal_size=13661\nprogress=continue\n")
+    srt_transport = reactor.spawned[1][3]
+    srt_transport.end(Failure(ProcessTerminated(exitCode=1)))
+    figures = stats.gather()
+    text = metrics_text(stats)[0](None).decode()
+    assert KEY not in json.dumps(figures) and KEY not in text
+    assert [(p["target"], p["state"]) for p in figures["push"]] == [
+        ("rtmp://h.example/live/****", "live"),
+        ("srt://h.example:9000?streamid=****", "backing off")]
+    rtmp_label = 'target="rtmp://h.example/live/****"'
+    srt_label = 'target="srt://h.example:9000?streamid=****"'
+    for line in (f"pistream_push_up{{{rtmp_label}}} 1.0",
+                 f"pistream_push_up{{{srt_label}}} 0.0",
+                 f'pistream_push_state{{state="live",{rtmp_label}}} 1.0',
+                 f'pistream_push_state{{state="connecting",{rtmp_label}}} 0.0',
+                 f'pistream_push_state{{state="backing off",{srt_label}}} 1.0',
+                 f"pistream_push_sent_bytes_total{{{rtmp_label}}} 13661.0",
+                 f"pistream_push_restarts_total{{{srt_label}}} 1.0",
+                 f"pistream_push_dropped_chunks_total{{{rtmp_label}}} 0.0"):
+        assert line in text.splitlines(), line
+    assert "pistream_push" not in metrics_text(
+        Stats(reactor, config, SimpleNamespace(name="test"), encoder, stream.fanout,
+              stream))[0](None).decode()
