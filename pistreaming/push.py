@@ -23,8 +23,13 @@ What ffmpeg is given (L{push_command}):
   ffmpeg decodes them and encodes H.264 (the hardware encoder,
   C{h264_v4l2m2m}, where there is one, else libx264 at C{--x264-preset}),
   since none of these servers takes MPEG-1.
-- C{--push-audio silent}: a silent AAC track (C{-f lavfi anullsrc}, read at
-  its own pace with C{-re}), for servers that want audio (YouTube).
+- C{--push-audio silent}: a silent AAC track, for servers that want audio
+  (YouTube): C{anullsrc} as a source of ffmpeg's filter graph, which ffmpeg
+  pulls only as far as the pictures have gone, so it keeps step with them
+  (an input C{-f lavfi -i anullsrc} read at its own pace with C{-re} starts
+  its clock only once the server is connected, after the first pictures
+  were stamped, and the muxer then held each picture back for the audio:
+  about 0.2 s more lag, measured; docs/design.rst, "Push").
 
 Each ffmpeg is fed without blocking: each chunk is written to its stdin and
 Twisted buffers what the pipe does not take; when that buffer passes 64 KiB
@@ -292,10 +297,11 @@ def push_command(ffmpeg, target, codec, audio="none", framerate=30, bitrate=800_
             "-f", "mpegts", "-i", "pipe:0",
         ]
     if audio == "silent":
-        command += ["-re", "-f", "lavfi", "-i", "anullsrc=channel_layout=stereo:sample_rate=44100"]
+        # made as far as the pictures have gone (see the module's docstring)
+        command += ["-filter_complex", "anullsrc=channel_layout=stereo:sample_rate=44100[a]"]
     command += ["-map", "0:v:0"]
     if audio == "silent":
-        command += ["-map", "1:a:0"]
+        command += ["-map", "[a]"]
     if codec == "h264":
         command += ["-c:v", "copy"]
     else:

@@ -167,12 +167,14 @@ def test_the_hardware_encoder_is_used_where_there_is_one():
 
 
 @pytest.mark.parametrize("codec", ["h264", "mpeg1"])
-def test_silent_audio_is_aac_from_anullsrc_read_at_its_own_pace(codec):
+def test_silent_audio_is_aac_from_anullsrc_in_the_filter_graph(codec):
     target = parse_target(f"rtmp://h.example/live/{KEY}")
     command = push_command("ffmpeg", target, codec, audio="silent")
     joined = " ".join(command)
-    assert "-re -f lavfi -i anullsrc=channel_layout=stereo:sample_rate=44100" in joined
-    assert "-map 0:v:0 -map 1:a:0" in joined and "-c:a aac -b:a 128k" in joined
+    # made as the pictures go, not read as an input at its own pace (-re)
+    assert "-filter_complex anullsrc=channel_layout=stereo:sample_rate=44100[a]" in joined
+    assert "-map 0:v:0 -map [a]" in joined and "-c:a aac -b:a 128k" in joined
+    assert "-re" not in command and "lavfi" not in command
     assert "anullsrc" not in " ".join(push_command("ffmpeg", target, codec))
     with pytest.raises(ValueError):
         push_command("ffmpeg", target, codec, audio="loud")
