@@ -521,8 +521,8 @@ class Push(service.Service):
         self.restarts = 0
         self.stalls = 0
         #: Chunks given to ffmpeg and their bytes; chunks not given to it
-        #: while it ran (it was behind, or there was no keyframe to start
-        #: at yet); times it fell behind.
+        #: while it was live (it was behind, or waited for a keyframe);
+        #: times it fell behind.
         self.chunks_in = 0
         self.bytes_in = 0
         self.dropped = 0
@@ -541,15 +541,21 @@ class Push(service.Service):
     def feed(self, chunk):
         """One chunk of the stream, as the viewers get it (in h264 mode an
         access-unit message, in mpeg1 mode MPEG-TS): written to ffmpeg, or
-        dropped (and counted) while it is behind or waits for a keyframe.
-        Ignored while no ffmpeg runs."""
+        dropped while it is behind or waits for a keyframe (counted while
+        the push is live: while it connects, ffmpeg reads nothing, and the
+        start cache has filled its pipe).  Ignored while no ffmpeg runs."""
         proto = self.process
         if proto is None or not proto.writable:
             return
+        live = self.state == self.LIVE
         if self.skipping and not chunk.keyframe:
-            self.dropped += 1
+            if live:
+                self.dropped += 1
             return
         if proto.paused:
+            if not live:
+                self.skipping = True
+                return
             self.dropped += 1
             if not self.skipping:
                 self.skipping = True

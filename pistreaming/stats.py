@@ -53,7 +53,7 @@ masked (the key is nowhere in the figures); ``state`` is ``connecting``
 or ``stopped``; ``since`` is when that state began, ``for`` how long ago;
 ``bytes_sent`` is what ffmpeg sent over every run (null for RTSP, whose
 muxer does not count it); ``dropped`` counts chunks not given to ffmpeg
-while it was behind or waited for a keyframe; ``error`` is the last
+while it was live, because it was behind (or then waited for a keyframe); ``error`` is the last
 failure, with ffmpeg's last error line.
 """
 

@@ -271,19 +271,27 @@ def test_nothing_before_a_keyframe_and_while_ffmpeg_is_behind_until_the_next(set
     s = setup()
     s.push.startService()
     s.push.feed(picture(1))  # nothing to start at yet
-    assert s.transport.written == [] and s.push.dropped == 1
-    s.push.feed(keyframe(2))
-    s.push.feed(picture(3))
-    assert len(s.transport.written) == 2
-    # the pipe and Twisted's buffer are full: the transport pauses the push
+    # ffmpeg connecting reads nothing: what does not fit waits for the next
+    # keyframe, uncounted and unsaid
     s.proto.pauseProducing()
-    s.push.feed(picture(4))
+    s.push.feed(keyframe(2))
     s.proto.resumeProducing()
-    s.push.feed(picture(5))  # would not decode without 4: dropped too
-    assert len(s.transport.written) == 2 and s.push.dropped == 3
+    s.push.feed(picture(3))
+    assert s.transport.written == [] and s.push.dropped == 0
+    s.push.feed(keyframe(4))
+    s.push.feed(picture(5))
+    assert len(s.transport.written) == 2
+    s.progress(1000)
+    assert s.push.state == "live"
+    # live, the pipe and Twisted's buffer full: the transport pauses the push
+    s.proto.pauseProducing()
+    s.push.feed(picture(6))
+    s.proto.resumeProducing()
+    s.push.feed(picture(7))  # would not decode without 6: dropped too
+    assert len(s.transport.written) == 2 and s.push.dropped == 2
     assert s.push.fell_behind == 1
-    s.push.feed(keyframe(6))
-    s.push.feed(picture(7))
+    s.push.feed(keyframe(8))
+    s.push.feed(picture(9))
     assert len(s.transport.written) == 4
     assert [line for line in s.lines() if "slower than it comes" in line] == [
         "push rtmp://h.example/live/****: ffmpeg takes the stream slower than it comes; "
