@@ -33,31 +33,31 @@ What ffmpeg is given (L{push_command}):
 
 Each ffmpeg is fed without blocking: each chunk is written to its stdin and
 Twisted buffers what the pipe does not take; when that buffer passes 64 KiB
-(the transport pauses the push), chunks are dropped, counted, up to the next
-keyframe, so what reaches the server always decodes and a push that cannot
-keep up never slows a viewer.  A newly started ffmpeg is first given the
-fan-out's start cache (the latest keyframe and every chunk since), so it
-has a picture to start at.
+(the transport pauses the push), chunks are dropped up to the next keyframe
+(counted while the push is live), so what reaches the server always decodes
+and a push that cannot keep up never slows a viewer.  A newly started
+ffmpeg is first given the fan-out's start cache (the latest keyframe and
+every chunk since), so it has a picture to start at.
 
 Whether a push is live is read from ffmpeg's progress reports (C{-progress
 pipe:1}, twice a second): live once the bytes it has sent grow (the pictures
 it has muxed, for RTSP, whose muxer does not count bytes).  A push whose
-progress stops while it has been given pictures to send for L{TIMEOUT}
-seconds (a server that accepts and never reads) is killed and restarted, and
-so is one that does not get live within that time; ffmpeg's own
-C{-rw_timeout} ends a write blocked that long (RTMP and SRT), and its send
-buffer is kept to half a second of video (RTMP), so that a stalled server
-shows within a second or so instead of after the kernel's buffers of many
-seconds fill.  A push that ends is started again after a back-off of 1 s,
-doubling to 30 s (L{FIRST_DELAY}, L{MAX_DELAY}), from 1 s again after a
-run live for a minute (L{LIVE_RESET}).
+progress has stopped for L{TIMEOUT} seconds while what it was given waits
+unread (a server that accepts and never reads) is killed and restarted, and
+so is one not live L{TIMEOUT} seconds after it was first given pictures;
+ffmpeg's own C{-rw_timeout} ends a write blocked that long (RTMP and SRT),
+and its send buffer is kept to half a second of video (RTMP), so that a
+stalled server shows after seconds of video have gone into the kernel's
+buffers rather than tens.  A push that ends is started again after a
+back-off of 1 s, doubling to 30 s (L{FIRST_DELAY}, L{MAX_DELAY}), from 1 s
+again after a run live for a minute (L{LIVE_RESET}).
 
-Stream keys are never shown: each target is known by its URL with the key
-masked (L{Target.shown}: the path past the application for RTMP, or
-the whole path where it has one name only, the
-password of C{user:password@}, every query value but a few settings of
-SRT's), in the log, /stats.json, /metrics and the page; what ffmpeg writes
-on its stderr, which names the URL, is masked before it is logged or kept.
+Stream keys are never shown: each target is known by its URL with its
+secrets masked (L{Target.shown}: for RTMP the path past the application, or
+the whole path where it has one name only; the password of
+C{user:password@}; every query value but a few settings of SRT's), in the
+log, /stats.json, /metrics and the page; what ffmpeg writes on its stderr,
+which names the URL, is masked before it is logged or kept.
 """
 
 import errno
