@@ -17,6 +17,45 @@ def _counter(name, doc, value):
     return family
 
 
+#: A push's states (pistreaming.push.Push), each a series of
+#: pistream_push_state.
+PUSH_STATES = ("connecting", "live", "backing off", "stopped")
+
+
+def _push_families(pushes):
+    """Each --push target's figures, labelled by its URL with the key masked."""
+    up = GaugeMetricFamily("pistream_push_up",
+                           "1 while the push to a media server is live (its bytes out grow).",
+                           labels=["target"])
+    state = GaugeMetricFamily(
+        "pistream_push_state",
+        "The push's state: 1 for the one it is in (connecting, live, backing off, "
+        "stopped), 0 for the others.", labels=["target", "state"])
+    seconds = GaugeMetricFamily("pistream_push_state_seconds",
+                                "Seconds the push has been in its state.", labels=["target"])
+    sent = CounterMetricFamily("pistream_push_sent_bytes",
+                               "Bytes ffmpeg sent to the media server (not for RTSP).",
+                               labels=["target"])
+    restarts = CounterMetricFamily("pistream_push_restarts",
+                                   "Times the push's ffmpeg was started again after a failure.",
+                                   labels=["target"])
+    dropped = CounterMetricFamily(
+        "pistream_push_dropped_chunks",
+        "Chunks of the stream not given to the push's ffmpeg: it was behind, or "
+        "waited for a keyframe.", labels=["target"])
+    for push in pushes:
+        target = push["target"]
+        up.add_metric([target], 1 if push["state"] == "live" else 0)
+        for name in PUSH_STATES:
+            state.add_metric([target, name], 1 if push["state"] == name else 0)
+        seconds.add_metric([target], push["for"])
+        if push["bytes_sent"] is not None:
+            sent.add_metric([target], push["bytes_sent"])
+        restarts.add_metric([target], push["restarts"])
+        dropped.add_metric([target], push["dropped"])
+    return [up, state, seconds, sent, restarts, dropped]
+
+
 class StatsCollector:
     """A prometheus_client collector that reads the figures at each scrape."""
 
@@ -66,6 +105,9 @@ class StatsCollector:
             yield _counter("pistream_mpeg1_on_demand_access_units_dropped",
                            "H.264 pictures not given to the on-demand encoder: before a "
                            "keyframe, or while it was behind.", mpeg1["access_units_dropped"])
+        pushes = s.get("push")
+        if pushes:
+            yield from _push_families(pushes)
         yield _gauge("pistream_viewers", "Viewers connected now (of every stream).",
                      viewers["count"])
         yield _counter("pistream_viewers_connected", "Viewers that have connected.",

@@ -92,6 +92,10 @@ class Config:
     #: How much the recordings may take: ("percent", p) of the free space
     #: at start (with what earlier recordings take), or ("bytes", n).
     record_keep: tuple = ("percent", 80.0)
+    #: Media servers the stream is pushed to (pistreaming.push.Target, each
+    #: --push URL), and the push's audio: "none" or "silent" (AAC).
+    push: tuple = ()
+    push_audio: str = "none"
 
     @property
     def geometry(self):
@@ -258,6 +262,33 @@ def parse_hosts(values):
             if name not in hosts:
                 hosts.append(name)
     return tuple(hosts)
+
+
+def parse_pushes(values):
+    """--push URLs (each checked: scheme, host, port, path) as a tuple of
+    pistreaming.push.Target; what is wrong is said with the key masked."""
+    from pistreaming.push import PushURLError, parse_target
+
+    targets = []
+    for value in values:
+        try:
+            target = parse_target(value)
+        except PushURLError as e:
+            raise usage.UsageError(f"--push: {e}") from None
+        if any(target.url == other.url for other in targets):
+            raise usage.UsageError(f"--push: {target.shown} is given twice")
+        targets.append(target)
+    return tuple(targets)
+
+
+def parse_push_audio(text):
+    from pistreaming.push import AUDIO
+
+    audio = text.strip().lower()
+    if audio not in AUDIO:
+        raise usage.UsageError(
+            f"--push-audio: {text!r} is not one of " + ", ".join(AUDIO))
+    return audio
 
 
 def check_origins_with_password(origins, passwd):
@@ -563,11 +594,15 @@ class Options(usage.Options):
         ["record-keep", None, "80%",
          "With --record: how much the recordings may take before the oldest are "
          "deleted: a size (500M, 20G) or a share of the space free at start (80%)."],
+        ["push-audio", None, Config.push_audio,
+         "The audio of each --push: none, or silent (a silent AAC track, which "
+         "YouTube requires)."],
     ]
 
     def __init__(self):
         super().__init__()
         self["allow-host"] = []
+        self["push"] = []
 
     def opt_allow_host(self, name):
         self["allow-host"].append(name)
@@ -578,11 +613,22 @@ class Options(usage.Options):
         "comma-separated; *.example.com allows its subdomains; * allows any (behind "
         "a proxy that rewrites Host).  Requests naming any other host get 421.")
 
+    def opt_push(self, url):
+        self["push"].append(url)
+
+    opt_push.__doc__ = (
+        "Push the stream to a media server (repeatable, one ffmpeg each): "
+        "rtmp://HOST/APP/KEY or rtmps:// (FLV: nginx, YouTube, Twitch), "
+        "rtsp://HOST:PORT/PATH (MediaMTX), srt://HOST:PORT?streamid=... "
+        "(MPEG-TS).  H.264 is copied, MPEG-1 encoded to H.264.  Keys are "
+        "masked wherever the URL is shown.")
+
     compData = usage.Completions(
         optActions={"camera": usage.CompleteList(CAMERAS),
                     "rotation": usage.CompleteList(ROTATIONS),
                     "codec": usage.CompleteList(CODECS),
-                    "x264-preset": usage.CompleteList(X264_PRESETS)}
+                    "x264-preset": usage.CompleteList(X264_PRESETS),
+                    "push-audio": usage.CompleteList(("none", "silent"))}
     )
 
     def postOptions(self):
@@ -619,6 +665,8 @@ class Options(usage.Options):
             allow_hosts=parse_hosts(self["allow-host"]),
             max_viewers=parse_count("max-viewers", self["max-viewers"], 0, 100_000),
             **self._recording(),
+            push=parse_pushes(self["push"]),
+            push_audio=parse_push_audio(self["push-audio"]),
         )
 
     def _recording(self):

@@ -157,11 +157,19 @@ class Pistream(service.MultiService):
                 self.camera = CameraService(source, geometry.frame_size, self.encoder.feed,
                                             reactor, on_state=self._camera_state)
         self.camera_reason = why
+        # --push: one supervised ffmpeg per media server, each a tap
+        # (pistreaming.push), started at the fan-out's latest keyframe.
+        self.push = None
+        if config.push:
+            from pistreaming.push import Pushes
+            self.push = Pushes(config, reactor, start_cache=lambda: [
+                chunk for chunk, _ in self.fanout.start_cache.chunks])
+            self.taps.extend(self.push.targets)
         self._taps(config, reactor)
         self.stats = Stats(reactor, config, source, self.encoder, self.fanout, self.factory,
                            camera=self.camera, pending=self.pending, times=self.times,
                            h264=self.h264, on_demand=self.on_demand, snapshot=self.snapshot,
-                           recorder=self.recorder)
+                           recorder=self.recorder, push=self.push)
         self.site = make_site(config, self.factory, stats=self.stats, player=player,
                               authenticator=self.authenticator, reactor=reactor,
                               hosts=self.hosts, pending=self.pending,
@@ -191,6 +199,8 @@ class Pistream(service.MultiService):
             self.encoder.setServiceParent(self)
         if self.camera is not None:
             self.camera.setServiceParent(self)
+        if self.push is not None:
+            self.push.setServiceParent(self)
         # Last: it freezes what the others are made of once they have started.
         self.collector = Collector(reactor)
         self.collector.setServiceParent(self)

@@ -61,6 +61,25 @@ written), ``segments`` and ``bytes`` (on disk), ``keep_bytes``,
 ``free_bytes``, ``floor_bytes``, ``segments_started``,
 ``segments_deleted``, ``failures``, ``bytes_written`` and
 ``chunks_dropped`` (not taken by a slow ffmpeg).
+
+With ``--push`` there is also ``push``: one object per media server the
+stream is pushed to (pistreaming.push), in the order given::
+
+    {"target": "rtmp://a.rtmp.youtube.com/live2/****", "state": "live",
+     "since": 1700000000.0, "for": 62.5, "next_try_in": null, "pid": 4242,
+     "bytes_sent": 6250000, "bytes_in": 6100000, "chunks_in": 1875,
+     "dropped": 0, "fell_behind": 0, "starts": 1, "restarts": 0,
+     "stalls": 0, "error": null}
+
+``target`` is the URL with its stream key, password and query values
+masked (the key is nowhere in the figures); ``state`` is ``connecting``
+(ffmpeg started, nothing sent yet), ``live`` (its bytes out grow),
+``backing off`` (it ended; ``next_try_in`` seconds until it starts again)
+or ``stopped``; ``since`` is when that state began, ``for`` how long ago;
+``bytes_sent`` is what ffmpeg sent over every run (null for RTSP, whose
+muxer does not count it); ``dropped`` counts chunks not given to ffmpeg
+while it was live, because it was behind (or then waited for a keyframe); ``error`` is the last
+failure, with ffmpeg's last error line.
 """
 
 import collections
@@ -152,7 +171,7 @@ class Stats(TimerService):
 
     def __init__(self, reactor, config, source, encoder, fanout, stream, camera=None,
                  pending=None, times=None, sample_interval=1.0, h264=None, on_demand=None,
-                 snapshot=None, recorder=None):
+                 snapshot=None, recorder=None, push=None):
         """
         @param reactor: the clock.
         @param config: the L{pistreaming.options.Config} (size, rates set).
@@ -176,6 +195,7 @@ class Stats(TimerService):
         @param snapshot: the L{pistreaming.snapshot.Snapshot}, or None.
         @param recorder: the L{pistreaming.recorder.Recorder} (with
             C{--record}), or None.
+        @param push: the L{pistreaming.push.Pushes} (C{--push}), or None.
         """
         super().__init__(sample_interval, self._sample)
         self.clock = reactor
@@ -193,6 +213,7 @@ class Stats(TimerService):
         self.on_demand = on_demand
         self.snapshot = snapshot
         self.recorder = recorder
+        self.push = push
         if h264 is not None:
             self.bitrate = Rate(lambda: h264.bytes * 8)
             self.framerate = Rate(lambda: h264.access_units)
@@ -338,4 +359,6 @@ class Stats(TimerService):
             figures["snapshot"] = self.snapshot.figures(now)
         if self.recorder is not None:
             figures["recording"] = self.recorder.figures(now)
+        if self.push is not None:
+            figures["push"] = self.push.figures(now)
         return figures

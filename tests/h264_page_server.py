@@ -327,7 +327,7 @@ def control_resource(player, mpeg1):
 def make_server(clips, rate, reactor, mpeg1_clip):
     from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
     from twisted.internet import task
-    from twisted.web import resource
+    from twisted.web import resource, static
 
     from pistreaming import web
 
@@ -372,10 +372,15 @@ def make_server(clips, rate, reactor, mpeg1_clip):
             super().__init__()
             self.control = control_resource(player, mpeg1)
             self.mpeg1 = web.Stream(mpeg1_factory)
+            # The page reads the daemon's figures while its overlay shows
+            # (for the pushes): a daemon that pushes nowhere.
+            self.stats = static.Data(b"{}", "application/json")
 
         def getChild(self, name, request):
             if name == b"control":
                 return self.control
+            if name == b"stats.json":
+                return self.stats
             if (name == b"stream" and not request.postpath and mpeg1.served
                     and request.args.get(b"codec") == [b"mpeg1"]):
                 return self.mpeg1

@@ -106,6 +106,21 @@ def test_recordings_have_a_writable_state_directory_and_the_rest_stays_read_only
     # (That purging keeps recordings: tests/test_deb_package.py.)
 
 
+def test_the_sandbox_lets_a_push_connect_out(service):
+    # --push: ffmpeg connects out over TCP (RTMP, RTSP) or UDP (SRT), to any
+    # address, and resolves the server's name; nothing in the unit may close
+    # that.  (docs/design.rst, "Push", says how the unit's system call
+    # filter and families were checked with a real push.)
+    families = " ".join(service["RestrictAddressFamilies"]).split()
+    assert {"AF_INET", "AF_INET6", "AF_UNIX"} <= set(families)
+    for option in ("PrivateNetwork", "IPAddressDeny", "IPAddressAllow", "SocketBindDeny",
+                   "SocketBindAllow", "RestrictNetworkInterfaces", "NetworkNamespacePath"):
+        assert option not in service, option
+    filters = " ".join(service["SystemCallFilter"]).split()
+    assert "@system-service" in filters  # which holds @network-io
+    assert not {"@network-io", "~@network-io"} & set(filters)
+
+
 def test_every_lintian_override_gives_its_reason():
     lines = debian_file("pistreaming.lintian-overrides").splitlines()
     overrides = [i for i, line in enumerate(lines) if line.startswith("pistreaming: ")]

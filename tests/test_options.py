@@ -148,9 +148,25 @@ def test_ws_port_forms(value, endpoint):
     (("--max-viewers", "-1"), "--max-viewers: -1 is outside 0..100000"),
     (("--ffmpeg", "/nonexistent/ffmpeg"), "--ffmpeg: /nonexistent/ffmpeg is not an executable"),
     (("--ffmpeg", "no-such-ffmpeg"), "ffmpeg (no-such-ffmpeg) was not found on PATH; install it"),
+    (("--push", "ftp://h.example/live/s3cret"), "--push: ftp:// is not a scheme a push takes"),
+    (("--push", "rtmp://h.example:70000/live/s3cret"),
+     "--push: rtmp://h.example:70000/live/****: its port is not a number in 1..65535"),
+    (("--push", "rtmp://h.example/live/s3cret", "--push", "rtmp://h.example/live/s3cret"),
+     "--push: rtmp://h.example/live/**** is given twice"),
+    (("--push-audio", "loud"), "--push-audio: 'loud' is not one of none, silent"),
 ])
 def test_bad_values_are_refused_with_a_reason(args, message):
     assert message in error_of(*args)
+    assert "s3cret" not in error_of(*args)
+
+
+def test_push_is_repeatable_and_its_audio_none_or_silent():
+    config = parse("--push", "rtmp://h.example/live/k1", "--push", "srt://h.example:9000",
+                   "--push-audio", "Silent")
+    assert [t.shown for t in config.push] == ["rtmp://h.example/live/****",
+                                              "srt://h.example:9000"]
+    assert config.push_audio == "silent"
+    assert parse().push == () and parse().push_audio == "none"
 
 
 @pytest.mark.parametrize("value,camera", [
@@ -202,6 +218,8 @@ def test_tap_turns_a_usage_error_into_one_line():
     (["--framerate", "20"], "twistd pistream: error: --framerate: '20' is not a rate MPEG-1 can carry"),
     (["--ffmpeg", "/nonexistent/ffmpeg"], "twistd pistream: error: --ffmpeg: /nonexistent/ffmpeg is not an executable file"),
     (["--no-such-option"], "twistd pistream: error: option --no-such-option not recognized"),
+    (["--push", "rtmp://h.example:0/live/s3cret"], "twistd pistream: error: --push: "
+     "rtmp://h.example:0/live/****: its port is not a number in 1..65535"),
 ])
 def test_daemon_refuses_to_start_with_one_line(args, expected):
     env = dict(os.environ, PYTHONPATH=ROOT)

@@ -110,6 +110,9 @@
     // The way the page plays the stream ('webcodecs', 'mse', 'mpeg1'), and
     // why not a better one ('' for the best).
     path: '', pathWhy: '',
+    // The pushes to media servers (/stats.json's "push"), as the overlay
+    // last read them; null before it has, or when there are none.
+    push: null,
     // MSE: how far (s) the picture shown was behind the newest appended
     // (their times in the stream) when it was shown, the playback rate that
     // keeps it close, jumps to the newest picture, and seconds of video
@@ -1869,13 +1872,86 @@
         lines.push('recording ' + state.recording +
                    (state.recordingWhy ? ': ' + state.recordingWhy : ''));
       }
+      lines = lines.concat(pushes.describe(now));
       overlay.textContent = lines.join('\n');
+    }
+  };
+
+  // -- the pushes to media servers (--push): each one's state, read from
+  // /stats.json every 2 s while the overlay shows (and not again once the
+  // daemon says it pushes nowhere).  Their URLs come with the keys masked.
+
+  var PUSH_ASK_EVERY = 2000;
+
+  function duration(seconds) {
+    seconds = Math.max(0, Math.round(seconds));
+    if (seconds < 60) { return seconds + 's'; }
+    if (seconds < 3600) { return Math.floor(seconds / 60) + 'm ' + (seconds % 60) + 's'; }
+    return Math.floor(seconds / 3600) + 'h ' + Math.floor(seconds % 3600 / 60) + 'm';
+  }
+
+  function byteSize(n) {
+    if (n >= 1e9) { return (n / 1e9).toFixed(2) + ' GB'; }
+    if (n >= 1e6) { return (n / 1e6).toFixed(1) + ' MB'; }
+    return Math.round(n / 1e3) + ' kB';
+  }
+
+  var pushes = {
+    list: null, at: 0, none: false, asking: false,
+    ask: function () {
+      if (this.none || this.asking || !overlay || overlay.hidden) { return; }
+      var self = this;
+      var request = new XMLHttpRequest();
+      this.asking = true;
+      request.open('GET', 'stats.json');
+      request.timeout = 5000;
+      request.onloadend = function () {
+        self.asking = false;
+        var figures = null;
+        if (request.status === 200) {
+          try { figures = JSON.parse(request.responseText); } catch (e) { figures = null; }
+        }
+        if (!figures) { return; }
+        if (!figures.push || !figures.push.length) {
+          self.none = true;
+          self.list = null;
+        } else {
+          self.list = figures.push;
+          self.at = performance.now();
+        }
+        state.push = self.list;
+        meter.update();
+      };
+      request.send();
+    },
+    // One line a push: its URL, its state since when, what it sent, its
+    // restarts, and its last error while it is not live.
+    describe: function (now) {
+      var lines = [];
+      if (!this.list) { return lines; }
+      var age = (now - this.at) / 1000;
+      for (var i = 0; i < this.list.length; i++) {
+        var p = this.list[i];
+        var line = 'push ' + p.target + ': ' + p.state + ' ' + duration(p['for'] + age);
+        if (p.state === 'backing off' && p.next_try_in !== null) {
+          line += ', next try in ' + duration(p.next_try_in - age);
+        }
+        if (p.bytes_sent !== null) { line += ', ' + byteSize(p.bytes_sent) + ' sent'; }
+        if (p.restarts) { line += ', ' + p.restarts + (p.restarts === 1 ? ' restart' : ' restarts'); }
+        if (p.dropped) { line += ', ' + p.dropped + ' dropped'; }
+        lines.push(line);
+        if (p.error && p.state !== 'live') {
+          lines.push('  ' + (p.error.length > 90 ? p.error.slice(0, 89) + '\u2026' : p.error));
+        }
+      }
+      return lines;
     }
   };
 
   function toggleOverlay(on) {
     overlay.hidden = !on;
     remember('pistream.overlay', on ? '1' : '');
+    pushes.ask();
     meter.update();
   }
 
@@ -1900,6 +1976,7 @@
       if (ev.target === canvas || (video && ev.target === video)) { toggleOverlay(overlay.hidden); }
     });
     setInterval(function () { meter.update(); }, 500);
+    setInterval(function () { pushes.ask(); }, PUSH_ASK_EVERY);
     toggleOverlay(window.location.hash === '#stats' || remembered('pistream.overlay') === '1');
 
     parts = { renderer: null, wasm: 'none', wasmModule: null };
