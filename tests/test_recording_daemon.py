@@ -223,7 +223,7 @@ def test_many_asking_cost_a_few_decodes_and_the_picture_changes(daemons):
 # -- recordings --------------------------------------------------------------------
 
 def test_segments_roll_over_at_their_length_and_each_plays_to_its_end(daemons):
-    for codec, length, extension, count in (("h264", 1.5, ".mp4", 3), ("mpeg1", 2.0, ".ts", 2)):
+    for codec, length, extension, count in (("h264", 1.5, ".mp4", 3), ("mpeg1", 2.0, ".ts", 3)):
         daemon = daemons[codec]
         names = wait_for_segments(daemon, count)
         assert all(name.endswith(extension) for name in names)
@@ -236,12 +236,16 @@ def test_segments_roll_over_at_their_length_and_each_plays_to_its_end(daemons):
             except FileNotFoundError:
                 pass
         assert complete
-        for kept in complete:
+        for number, kept in enumerate(complete):
             pictures, seconds = probe(kept)
             os.unlink(kept)
             # the set length (not the keyframe interval), as the camera took it
-            assert abs(seconds - length) < 0.25 and pictures >= length * 24 * 0.8, (
-                codec, kept, pictures, seconds)
+            assert abs(seconds - length) < 0.25, (codec, kept, pictures, seconds)
+            # every picture of it: after the first segment, which spans the
+            # daemon's start (where the test pattern itself, beside two
+            # other test workers, may make fewer than 24 a second)
+            if number > 0 or names[0] != os.path.basename(kept)[len("kept-"):]:
+                assert pictures >= length * 24 * 0.8, (codec, kept, pictures, seconds)
 
 
 def test_the_recordings_are_listed_and_served_with_range(daemons):
