@@ -93,8 +93,10 @@ def test_the_page_plays_h264_through_webcodecs(browser, server):
 def test_a_newcomer_in_mid_group_shows_a_picture_at_once(browser, server):
     """The server sends a newcomer the group's keyframe and the 40 pictures
     since, at once: the keyframe's picture is on the canvas within 300 ms
-    of the stream message, all of them are decoded (none dropped), and the
-    page goes on live."""
+    of the stream message, the page catches up through them without ever
+    counting itself behind (on a busy machine the next keyframe may come
+    before they are all decoded, and overtake the rest), and it goes on
+    live."""
     server.control("midgroup", at=40)
     ctx, page = open_page(browser, server.url())
     try:
@@ -103,7 +105,7 @@ def test_a_newcomer_in_mid_group_shows_a_picture_at_once(browser, server):
         wait_for_pictures(page, 40, timeout=5_000)
         frames = page.evaluate("window.pistream.frames")
         wait_for_pictures(page, frames + 15, timeout=5_000)
-        assert state(page, "skipped", "resets", "state") == [0, 0, "playing"]
+        assert state(page, "behind", "resets", "state") == [0, 0, "playing"]
     finally:
         ctx.close()
     assert timing["drawn"] - timing["stream"] < 300, timing
@@ -222,11 +224,11 @@ def test_a_decoder_that_falls_behind_skips_to_the_next_keyframe(browser, server)
                                timeout=10_000)
         drawn = page.evaluate("window.pistream.drawn")
         wait_for_drawn(page, drawn + 2, timeout=5_000)  # after the latest keyframe too
-        skipped, resets = state(page, "skipped", "resets")
+        skipped, behind, resets = state(page, "skipped", "behind", "resets")
         lags = page.evaluate("window.lags")
     finally:
         ctx.close()
-    assert skipped > 20 and resets == 0, (skipped, resets)
+    assert skipped > 20 and behind >= 1 and resets == 0, (skipped, behind, resets)
     assert max(lags) < 1000, lags
 
 
@@ -345,7 +347,7 @@ def test_the_daemon_with_codec_h264_plays_in_the_page(browser):
             late_ctx, late = open_page(browser, daemon.base_url)
             try:
                 wait_for_drawn(late, 0)
-                assert state(late, "codec", "skipped", "resets") == ["h264", 0, 0]
+                assert state(late, "codec", "behind", "resets") == ["h264", 0, 0]
             finally:
                 late_ctx.close()
         finally:

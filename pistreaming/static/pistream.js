@@ -71,15 +71,23 @@
   var WASM_WAIT = 250;          // ms a new connection waits for the compiled decoder
   var UNPLAYABLE_RETRY = 30000; // ms before a stream this page cannot play is looked at again
   // H.264: the decoder is behind when more than MAX_QUEUED pictures wait in
-  // it and the oldest it has not given back went in more than MAX_LAG ms
-  // ago.  (A newcomer's start, a whole group of pictures, arrives at once and
-  // is decoded in tens of milliseconds: that is catching up, not falling
-  // behind.)  Behind, the pictures waiting in it are dropped, and so is
-  // every picture until the next keyframe: the page shows live again from
-  // there, instead of playing out late what piled up.  A keyframe, too,
-  // goes in ahead of any picture still waiting.
+  // it, the oldest it has not given back went in more than MAX_LAG ms ago,
+  // and, at the pace it worked through them over the last MAX_LAG ms or
+  // more, it would not be through them before the next keyframe is due (the
+  // keyframe interval seen, CATCH_UP ms before the page has seen two).  A
+  // newcomer's start, a whole group of pictures at once, is catching up, not
+  // falling behind, however busy the machine: it goes down while the
+  // decoder works.  A decoder that cannot keep up lets it grow.  Until the
+  // decoder's first picture since it (re)started it is judged only by
+  // MAX_START (ms since the oldest went in): starting up is not falling
+  // behind either.  Behind, the pictures waiting in it are dropped, and so
+  // is every picture until the next keyframe: the page shows live again
+  // from there, instead of playing out late what piled up.  A keyframe,
+  // too, goes in ahead of any picture still waiting.
   var MAX_QUEUED = 2;
   var MAX_LAG = 250;
+  var CATCH_UP = 2000;
+  var MAX_START = 3000;
   // A decoded picture is not drawn when the next is already in the decoder
   // and the decoder takes less than this (ms) a picture: it would be
   // overtaken before the browser paints.
@@ -101,10 +109,12 @@
     renderer: '', decoder: '',
     // The stream: 'mpeg1' or 'h264'; for H.264 the stream message's
     // settings, and what the page sees of it: keyframes, the time between
-    // the last two (s), pictures dropped to stay live, decoder resets (and
-    // the last error), the decoder's time per picture (ms, a moving average).
+    // the last two (s), pictures dropped to stay live (a keyframe overtook
+    // them, or the page fell behind), the times it fell behind and waited
+    // for a keyframe, decoder resets (and the last error), the decoder's
+    // time per picture (ms, a moving average).
     codec: '', stream: null, profile: '', level: '', keyframes: 0, keyframeInterval: null,
-    skipped: 0, resets: 0, error: '', decodeTime: null,
+    skipped: 0, behind: 0, resets: 0, error: '', decodeTime: null,
     // Why there is no picture, when the page cannot play the stream.
     notice: '',
     // The way the page plays the stream ('webcodecs', 'mse', 'mpeg1'), and
@@ -745,6 +755,7 @@
     this.waitingForKey = true;
     this.starting = true;     // no picture drawn since the decoder (re)started
     this.skipping = false;    // fell behind: waiting for a keyframe to be live again
+    this.backlog = null;      // {waiting, at}: the pictures waiting, last counted while > MAX_QUEUED
     this.held = [];           // from a keyframe on, while the decoder is being set up
     this.inflight = [];       // in the decoder: {timestamp, received, given, captured}
     this.timestamp = -1;      // the last chunk's
@@ -826,6 +837,7 @@
     this.starting = true;
     this.skipping = !!skipping;
     this.inflight = [];
+    this.backlog = null;
     if (this.decoder && this.decoder.state === 'configured') {
       this.decoder.reset();  // (unconfigured: configure() comes before the next decode)
     }
@@ -904,9 +916,28 @@
     return Math.max(this.decoder.decodeQueueSize, this.inflight.length - 1);
   };
 
+  // Whether the decoder is behind (see MAX_QUEUED), for a picture about to
+  // go in.
   WebCodecsPlayer.prototype.behind = function () {
-    return this.waiting() > MAX_QUEUED && this.inflight.length > 0 &&
-      performance.now() - this.inflight[0].given > MAX_LAG;
+    var waiting = this.waiting();
+    var now = performance.now();
+    if (waiting <= MAX_QUEUED || !this.inflight.length) {
+      this.backlog = null;
+      return false;
+    }
+    var lag = now - this.inflight[0].given;
+    if (this.starting) { return lag > MAX_START; }
+    var last = this.backlog;
+    if (!last) {
+      this.backlog = { waiting: waiting, at: now };
+      return false;
+    }
+    var elapsed = now - last.at;
+    if (lag <= MAX_LAG || elapsed < MAX_LAG) { return false; }
+    this.backlog = { waiting: waiting, at: now };
+    var drained = last.waiting - waiting;
+    var due = state.keyframeInterval ? state.keyframeInterval * 1000 : CATCH_UP;
+    return drained <= 0 || waiting * elapsed / drained > due;
   };
 
   WebCodecsPlayer.prototype.decode = function (chunk) {
@@ -923,6 +954,7 @@
       if (this.skipping) { state.skipped += 1; }
       return;
     } else if (this.behind()) {
+      state.behind += 1;
       state.skipped += 1 + this.waiting();
       this.restart(true);
       return;
@@ -1409,6 +1441,7 @@
       this.pending = [];
     }
     if (this.pending.length >= MSE_PENDING) {  // the SourceBuffer takes nothing: let it be
+      state.behind += 1;
       state.skipped += this.pending.length + 1;
       this.pending = [];
       this.waitingForKey = this.skipping = true;
