@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
+from pistreaming.backoff import Backoff
 from pistreaming.camera.picture import rate_text
 from pistreaming.mpegts import PESAssembler, PictureSplitter, TSPacketizer
 
@@ -389,7 +390,7 @@ class Encoder(service.Service):
         #: ffmpeg runs that have ended.
         self.pes_dropped = 0
         self.pes_open_length = 0
-        self._delay = self.first_restart_delay
+        self._backoff = Backoff(self.first_restart_delay, self.max_restart_delay)
         self._restart_call = None
         self._stopping = False
         self._stopped = None
@@ -440,7 +441,7 @@ class Encoder(service.Service):
     def startService(self):
         super().startService()
         self._stopping = False
-        self._delay = self.first_restart_delay
+        self._backoff = Backoff(self.first_restart_delay, self.max_restart_delay)
         self._spawn()
 
     def _spawn(self):
@@ -460,7 +461,7 @@ class Encoder(service.Service):
                 if isinstance(e, OSError) else str(e)
             why = f"cannot start {self.command[0]}: {why.lower() if why else type(e).__name__}"
             self.log.error("{what}: {why}; trying again in {delay}s", what=self.what, why=why,
-                           delay=self._delay)
+                           delay=self._backoff.delay)
             self._set_state("unavailable", why)
             self._schedule_restart()
 
@@ -473,8 +474,7 @@ class Encoder(service.Service):
 
     def _schedule_restart(self):
         self.restarts += 1
-        self._restart_call = self.reactor.callLater(self._delay, self._spawn)
-        self._delay = min(self._delay * 2, self.max_restart_delay)
+        self._restart_call = self.reactor.callLater(self._backoff.next(), self._spawn)
 
     def _process_started(self, proto):
         self.process = proto
@@ -494,7 +494,7 @@ class Encoder(service.Service):
             return
         ran = self.reactor.seconds() - (proto.started_at or self.reactor.seconds())
         if ran >= self.healthy_run:
-            self._delay = self.first_restart_delay
+            self._backoff.reset()
         code = getattr(reason.value, "exitCode", None)
         sig = getattr(reason.value, "signal", None)
         how = f"was killed by signal {sig}" if sig else f"exited with code {code}"
@@ -502,7 +502,7 @@ class Encoder(service.Service):
         self.log.error(
             "{what}: ffmpeg {how} after {ran:.1f}s; restarting in {delay}s{stderr}",
             what=self.what,
-            how=how, ran=ran, delay=self._delay,
+            how=how, ran=ran, delay=self._backoff.delay,
             stderr=(": " + stderr) if stderr else "",
         )
         last = stderr.strip().splitlines()[-1][:200] if stderr and stderr.strip() else ""

@@ -74,6 +74,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pistreaming.backoff import Backoff
 from pistreaming.encoder import h264_args, unread
 from pistreaming.ondemand import decoder_input
 
@@ -339,25 +340,6 @@ def choose_encoder(ffmpeg, find=None):
 
 
 # -- back-off and progress ----------------------------------------------------------
-
-class Backoff:
-    """Seconds to wait before the next try: C{first}, doubled at each
-    failure up to C{most}; L{reset} after a good run."""
-
-    def __init__(self, first, most):
-        self.first = first
-        self.most = most
-        self.delay = first
-
-    def next(self):
-        """The wait before this try; the next one waits twice as long."""
-        delay = self.delay
-        self.delay = min(self.delay * 2, self.most)
-        return delay
-
-    def reset(self):
-        self.delay = self.first
-
 
 class ProgressReader:
     """ffmpeg's C{-progress} output: blocks of key=value lines, each ended

@@ -74,6 +74,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from pistreaming.backoff import Backoff
 from pistreaming.h264 import HEADER, PPS, SPS, VCL_TYPES, nal_spans
 from pistreaming.tsmux import H264Muxer
 
@@ -441,7 +442,7 @@ class Recorder(TimerService):
         self._hold = None        # why recording stopped (space, directory), or None
         self._failure = None     # why ffmpeg failed, while a retry is pending
         self._retry = None
-        self._delay = self.first_retry_delay
+        self._backoff = Backoff(self.first_retry_delay, self.max_retry_delay)
         self._scanning = False
         self._rescan = False
         self._last_keyframe_at = None
@@ -624,7 +625,7 @@ class Recorder(TimerService):
         if segment.closing:
             # Its input was closed: it finished the file (or, given up, was killed).
             if clean and ran >= self.healthy_run:
-                self._delay = self.first_retry_delay
+                self._backoff.reset()
             elif not clean and self.running and not segment.given_up:
                 log.error("recording: ffmpeg {how} finishing {name}{last}", how=how,
                           name=segment.name, last=f": {last}" if last else "")
@@ -637,17 +638,17 @@ class Recorder(TimerService):
             self.segment = None
         self.lengths[segment.name] = self._length(segment)
         if ran >= self.healthy_run:
-            self._delay = self.first_retry_delay
+            self._backoff.reset()
         self._failed(f"ffmpeg {how} writing {segment.name}" + (f": {last}" if last else ""))
 
     def _failed(self, why):
         self.failures += 1
-        log.error("recording: {why}; trying again in {delay:g}s", why=why, delay=self._delay)
+        delay = self._backoff.next()
+        log.error("recording: {why}; trying again in {delay:g}s", why=why, delay=delay)
         self._failure = why
         if self._retry is not None and self._retry.active():
             self._retry.cancel()
-        self._retry = self.reactor.callLater(self._delay, self._retry_now)
-        self._delay = min(self._delay * 2, self.max_retry_delay)
+        self._retry = self.reactor.callLater(delay, self._retry_now)
         self._refresh_state()
         self._check()
 

@@ -20,7 +20,7 @@ from pistreaming.h264 import frame_message
 from pistreaming.mpegts import Chunk
 from pistreaming.options import Config
 from pistreaming.push import (
-    MASK, Backoff, Push, Pushes, PushURLError, choose_encoder, parse_target, push_command)
+    MASK, Push, Pushes, PushURLError, choose_encoder, parse_target, push_command)
 from tests.fakes.inmemory import SpawningReactor
 
 KEY = "abcd-7kq2-x9vw-secret"
@@ -360,13 +360,6 @@ def test_back_off_doubles_from_1s_to_30s_and_starts_over_after_a_minute_live(set
         s.progress(1000 + int(s.reactor.seconds()))
     s.exits(1)
     assert s.push.next_try_at - s.reactor.seconds() == 1
-
-
-def test_backoff_alone():
-    b = Backoff(1, 30)
-    assert [b.next() for _ in range(7)] == [1, 2, 4, 8, 16, 30, 30]
-    b.reset()
-    assert b.next() == 1
 
 
 def test_a_stalled_push_is_killed_after_its_timeout_and_started_again(setup):
