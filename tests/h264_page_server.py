@@ -7,9 +7,10 @@ pistream.js): a JSON text message {"stream": {...}}, then one binary
 message per access unit (a flags byte, bit 0 = keyframe; the capture time
 in microseconds since the epoch, 8 bytes big-endian; the access unit in
 Annex B), framed by the daemon's own stage (pistreaming.h264.H264Stream).
-Pictures go out at the clip's frame rate, looping; a newcomer gets the
-stream message, the latest keyframe's message and every message since,
-then the live ones.
+Pictures go out at the clip's frame rate, looping, each stamped with the
+time it was due (a late tick of a busy machine sends the pictures it missed
+at once, as the daemon does); a newcomer gets the stream message, the
+latest keyframe's message and every message since, then the live ones.
 
 At the stream's address with ?codec=mpeg1 it serves, as the daemon does
 for browsers that can play H.264 neither through WebCodecs nor MSE, an
@@ -159,10 +160,13 @@ class Player:
     frames each access unit as the stream's message and says when the
     configuration (SPS, PPS) changes."""
 
-    def __init__(self, clips, clock):
+    def __init__(self, clips, clock, rate=None):
         self.clips = clips
         self.clip = clips[0]
         self.index = 0
+        self.rate = RATE if rate is None else rate
+        self.first = None  # time.time() of the first picture
+        self.ticks = 0     # pictures played
         self.stage = h264.H264Stream(self.send_chunk, self.send_config, KEYFRAME_INTERVAL, clock)
         self.viewers = []
         self.since_key = []  # the messages since (and with) the latest keyframe
@@ -196,18 +200,32 @@ class Player:
             if viewer.wants_status:
                 viewer.send(count, False)
 
-    def tick(self):
-        if self.change is not None:
-            self.clip, self.index, self.change = self.change, 0, None
-        keyframe, unit = self.clip.units[self.index]
-        self.index = (self.index + 1) % len(self.clip.units)
-        self.stage.feed(unit, time.time())
+    def tick(self, count=1):
+        """The pictures of C{count} frame times: more than one where the
+        reactor came late (a busy machine), sent at once, as the daemon
+        sends what its camera captured meanwhile.  Each is stamped with the
+        time it was due (a camera stamps when its sensor captured, whenever
+        it is sent), so the capture times keep the frame rate exactly, and
+        the keyframes their interval."""
+        now = time.time()
+        if self.first is None:
+            self.first = now
+        for _ in range(count):
+            self.play(min(self.first + self.ticks / self.rate, now))
+            self.ticks += 1
         waiters, self.waiters = self.waiters, []
         for test, d in waiters:
             if test():
                 d.callback(self.state())
             else:
                 self.waiters.append((test, d))
+
+    def play(self, captured):
+        if self.change is not None:
+            self.clip, self.index, self.change = self.change, 0, None
+        keyframe, unit = self.clip.units[self.index]
+        self.index = (self.index + 1) % len(self.clip.units)
+        self.stage.feed(unit, captured)
 
     def send_config(self, config):
         message = self.stream_message()
@@ -331,7 +349,7 @@ def make_server(clips, rate, reactor, mpeg1_clip):
 
     from pistreaming import web
 
-    player = Player(clips, reactor)
+    player = Player(clips, reactor, rate)
     mpeg1 = Mpeg1Player(mpeg1_clip)
 
     class Viewer(WebSocketServerProtocol):
@@ -387,8 +405,7 @@ def make_server(clips, rate, reactor, mpeg1_clip):
             return pages.getChildWithDefault(name, request)
 
     site.resource = Routes()
-    for stream in (player, mpeg1):
-        ticks = task.LoopingCall(stream.tick)
+    for ticks in (task.LoopingCall.withCount(player.tick), task.LoopingCall(mpeg1.tick)):
         ticks.clock = reactor
         ticks.start(1.0 / rate)
     return site, player
