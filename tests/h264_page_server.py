@@ -165,8 +165,6 @@ class Player:
         self.clip = clips[0]
         self.index = 0
         self.rate = RATE if rate is None else rate
-        self.first = None  # time.time() of the first picture
-        self.ticks = 0     # pictures played
         self.stage = h264.H264Stream(self.send_chunk, self.send_config, KEYFRAME_INTERVAL, clock)
         self.viewers = []
         self.since_key = []  # the messages since (and with) the latest keyframe
@@ -200,19 +198,17 @@ class Player:
             if viewer.wants_status:
                 viewer.send(count, False)
 
-    def tick(self, count=1):
-        """The pictures of C{count} frame times: more than one where the
-        reactor came late (a busy machine), sent at once, as the daemon
-        sends what its camera captured meanwhile.  Each is stamped with the
-        time it was due (a camera stamps when its sensor captured, whenever
-        it is sent), so the capture times keep the frame rate exactly, and
-        the keyframes their interval."""
-        now = time.time()
-        if self.first is None:
-            self.first = now
-        for _ in range(count):
-            self.play(min(self.first + self.ticks / self.rate, now))
-            self.ticks += 1
+    def tick(self, count=1, due=None):
+        """The pictures of C{count} frame times, the last of them due at
+        C{due} (now where not given): more than one where the reactor came
+        late (a busy machine), sent at once, as the daemon sends what its
+        camera captured meanwhile.  Each is stamped with the time it was due
+        (a camera stamps when its sensor captured, whenever it is sent), so
+        the capture times keep the frame rate exactly, and the keyframes
+        their interval."""
+        due = time.time() if due is None else due
+        for i in range(count):
+            self.play(due - (count - 1 - i) / self.rate)
         waiters, self.waiters = self.waiters, []
         for test, d in waiters:
             if test():
@@ -405,7 +401,14 @@ def make_server(clips, rate, reactor, mpeg1_clip):
             return pages.getChildWithDefault(name, request)
 
     site.resource = Routes()
-    for ticks in (task.LoopingCall.withCount(player.tick), task.LoopingCall(mpeg1.tick)):
+    def tick(count):
+        # When the latest of these pictures was due: the looping call's own
+        # grid of frame times (its start, and whole intervals since).
+        since = reactor.seconds() - pictures.starttime
+        player.tick(count, pictures.starttime + int(since * rate) / rate)
+
+    pictures = task.LoopingCall.withCount(tick)
+    for ticks in (pictures, task.LoopingCall(mpeg1.tick)):
         ticks.clock = reactor
         ticks.start(1.0 / rate)
     return site, player
