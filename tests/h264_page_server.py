@@ -7,10 +7,9 @@ pistream.js): a JSON text message {"stream": {...}}, then one binary
 message per access unit (a flags byte, bit 0 = keyframe; the capture time
 in microseconds since the epoch, 8 bytes big-endian; the access unit in
 Annex B), framed by the daemon's own stage (pistreaming.h264.H264Stream).
-Pictures go out at the clip's frame rate, looping, each stamped with the
-time it was due (a late tick of a busy machine sends the pictures it missed
-at once, as the daemon does); a newcomer gets the stream message, the
-latest keyframe's message and every message since, then the live ones.
+Pictures go out at the clip's frame rate, looping; a newcomer gets the
+stream message, the latest keyframe's message and every message since,
+then the live ones.
 
 At the stream's address with ?codec=mpeg1 it serves, as the daemon does
 for browsers that can play H.264 neither through WebCodecs nor MSE, an
@@ -28,7 +27,9 @@ own libx264 path gives).
 A test drives it over HTTP, on the same port as the page:
 
     /control/state            where the stream is: {"clip", "sent",
-                              "since_key", "viewers", "keyframes"}
+                              "since_key", "viewers", "keyframes",
+                              "key_times" (the last 10 keyframes' capture
+                              times as sent, us)}
     /control/midgroup?at=N    answers once the current group of pictures
                               has N pictures (N-1 after its keyframe), so that
                               a page opened then joins in mid-group
@@ -160,17 +161,17 @@ class Player:
     frames each access unit as the stream's message and says when the
     configuration (SPS, PPS) changes."""
 
-    def __init__(self, clips, clock, rate=None):
+    def __init__(self, clips, clock):
         self.clips = clips
         self.clip = clips[0]
         self.index = 0
-        self.rate = RATE if rate is None else rate
         self.stage = h264.H264Stream(self.send_chunk, self.send_config, KEYFRAME_INTERVAL, clock)
         self.viewers = []
         self.since_key = []  # the messages since (and with) the latest keyframe
         self.connects = 0
         self.sent = 0
         self.keyframes = 0
+        self.key_times = []  # the latest keyframes' capture times (us), as sent
         self.corrupt = False
         self.change = None  # the clip to change to at the next picture
         self.waiters = []  # (test, deferred): answered after a picture goes out
@@ -198,30 +199,18 @@ class Player:
             if viewer.wants_status:
                 viewer.send(count, False)
 
-    def tick(self, count=1, due=None):
-        """The pictures of C{count} frame times, the last of them due at
-        C{due} (now where not given): more than one where the reactor came
-        late (a busy machine), sent at once, as the daemon sends what its
-        camera captured meanwhile.  Each is stamped with the time it was due
-        (a camera stamps when its sensor captured, whenever it is sent), so
-        the capture times keep the frame rate exactly, and the keyframes
-        their interval."""
-        due = time.time() if due is None else due
-        for i in range(count):
-            self.play(due - (count - 1 - i) / self.rate)
+    def tick(self):
+        if self.change is not None:
+            self.clip, self.index, self.change = self.change, 0, None
+        keyframe, unit = self.clip.units[self.index]
+        self.index = (self.index + 1) % len(self.clip.units)
+        self.stage.feed(unit, time.time())
         waiters, self.waiters = self.waiters, []
         for test, d in waiters:
             if test():
                 d.callback(self.state())
             else:
                 self.waiters.append((test, d))
-
-    def play(self, captured):
-        if self.change is not None:
-            self.clip, self.index, self.change = self.change, 0, None
-        keyframe, unit = self.clip.units[self.index]
-        self.index = (self.index + 1) % len(self.clip.units)
-        self.stage.feed(unit, captured)
 
     def send_config(self, config):
         message = self.stream_message()
@@ -236,6 +225,8 @@ class Player:
         if chunk.keyframe:
             self.since_key = []
             self.keyframes += 1
+            # its capture time as the message says it (us)
+            self.key_times = (self.key_times + [int.from_bytes(message[1:9], "big")])[-10:]
         self.since_key.append(message)
         self.sent += 1
         for viewer in self.viewers:
@@ -244,7 +235,7 @@ class Player:
     def state(self):
         return {"clip": self.clip.name, "sent": self.sent, "since_key": len(self.since_key),
                 "viewers": len(self.viewers), "keyframes": self.keyframes,
-                "h264_connects": self.connects}
+                "h264_connects": self.connects, "key_times": self.key_times}
 
     def after(self, test):
         from twisted.internet import defer
@@ -345,7 +336,7 @@ def make_server(clips, rate, reactor, mpeg1_clip):
 
     from pistreaming import web
 
-    player = Player(clips, reactor, rate)
+    player = Player(clips, reactor)
     mpeg1 = Mpeg1Player(mpeg1_clip)
 
     class Viewer(WebSocketServerProtocol):
@@ -401,14 +392,8 @@ def make_server(clips, rate, reactor, mpeg1_clip):
             return pages.getChildWithDefault(name, request)
 
     site.resource = Routes()
-    def tick(count):
-        # When the latest of these pictures was due: the looping call's own
-        # grid of frame times (its start, and whole intervals since).
-        since = reactor.seconds() - pictures.starttime
-        player.tick(count, pictures.starttime + int(since * rate) / rate)
-
-    pictures = task.LoopingCall.withCount(tick)
-    for ticks in (pictures, task.LoopingCall(mpeg1.tick)):
+    for stream in (player, mpeg1):
+        ticks = task.LoopingCall(stream.tick)
         ticks.clock = reactor
         ticks.start(1.0 / rate)
     return site, player
