@@ -58,6 +58,7 @@ configured flips, so tests can tell exactly what a consumer must make of it.
 import collections
 import contextlib
 import enum
+import errno
 import io
 import json
 import os
@@ -1017,8 +1018,11 @@ class ExternalEncoder:
             even = self._last_fed - self._last_fed % 2 + 2
         value = even + (1 if keyframe else 0)
         self._last_fed = value
-        self.process.stdin.write(matroska_frame(value, frame))
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write(matroska_frame(value, frame))
+            self.process.stdin.flush()
+        except ValueError:  # end_input() closed it meanwhile: gone, as a broken pipe
+            raise BrokenPipeError(errno.EPIPE, "the encoder's input is closed") from None
 
     def end_input(self):
         """No more frames: ffmpeg encodes what it has and exits."""
