@@ -226,7 +226,7 @@ class Player:
             self.since_key = []
             self.keyframes += 1
             # its capture time as the message says it (us)
-            self.key_times = (self.key_times + [int.from_bytes(message[1:9], "big")])[-10:]
+            self.key_times = (self.key_times + [h264.HEADER.unpack_from(message)[1]])[-10:]
         self.since_key.append(message)
         self.sent += 1
         for viewer in self.viewers:
