@@ -17,9 +17,10 @@ the stream at /stream); the stream's own port asks the same
 
 A wrong or missing password gets 401 at once; wrong ones are logged with
 the address and user name.  Checking a password costs a hash of
-``ITERATIONS`` rounds on a thread (hashlib releases the GIL), so what may
-be hashed is decided *before* hashing, and anything over a limit is answered
-at once without hashing:
+``ITERATIONS`` rounds on a thread (hashlib releases the GIL; the daemon's
+threads for it are nicer than the stream's: pistreaming.lowpriority), so
+what may be hashed is decided *before* hashing, and anything over a limit
+is answered at once without hashing:
 
 * An address (counted by :func:`pistreaming.admission.address_key`: an
   IPv6 address by its /64, which one host can rotate through) that failed

@@ -47,6 +47,7 @@ from pistreaming.frames import stream_header
 from pistreaming.h264 import H264Stream
 from pistreaming.hosts import HostPolicy
 from pistreaming.listening import listen_service, raise_file_limit
+from pistreaming.lowpriority import LowPriorityThreads
 from pistreaming.memory import Collector
 from pistreaming import ondemand
 from pistreaming.ondemand import (OnDemand, OnDemandEncoder, OnDemandFactory, decode_command,
@@ -70,10 +71,16 @@ class Pistream(service.MultiService):
         geometry = config.geometry
         self.source = source
         second_of_video = config.bitrate // 8
-        self.authenticator = None
+        self.authenticator = self.hashing = None
         if config.passwd:
-            from pistreaming.auth import Authenticator, PasswordFile
-            self.authenticator = Authenticator(PasswordFile(config.passwd), reactor)
+            from pistreaming.auth import CHECKS, RESERVED_CHECKS, Authenticator, PasswordFile
+            # Passwords are hashed on threads of lower priority than the
+            # stream's: wrong ones sent on purpose cannot slow the pictures.
+            self.hashing = LowPriorityThreads(reactor, CHECKS + RESERVED_CHECKS,
+                                              "password-hashing")
+            self.hashing.setServiceParent(self)
+            self.authenticator = Authenticator(PasswordFile(config.passwd), reactor,
+                                               run_in_thread=self.hashing.run)
         # Which names requests may give in Host (DNS rebinding), and the
         # connections that have not sent a whole request yet, capped per
         # address and overall (one count for both ports).

@@ -276,6 +276,19 @@ def rss_kib(pid, field="VmRSS"):
     raise AssertionError(f"no {field} for {pid}")
 
 
+def thread_niceness(pid):
+    """The niceness of each of C{pid}'s threads: {thread id: niceness}."""
+    nice = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except FileNotFoundError:  # (a thread that ended meanwhile)
+            continue
+        nice[int(tid)] = int(fields[16])  # field 19 of stat(5); 3 is the first after the name
+    return nice
+
+
 def hash_seconds(tries=3):
     """CPU seconds of one PBKDF2 hash as the daemon computes it (the fastest
     of a few, on this machine)."""
@@ -927,6 +940,12 @@ def test_a_wrong_password_takes_as_long_for_unknown_users(guarded):
             f"{medians[USER]:.1f} and {medians['nobody-here']:.1f} ms)")
     assert known >= 24 * one_hash * 0.5, said
     assert 0.75 <= unknown / known <= 1.33, said
+    # The hashing ran on threads of their own, nicer than the daemon's
+    # (whose reactor thread stays as it started), so it did not slow the
+    # healthy viewer's pictures down (assert_well).
+    nice = thread_niceness(guarded.pid)
+    assert nice[guarded.pid] == os.getpriority(os.PRIO_PROCESS, 0), nice
+    assert min(19, nice[guarded.pid] + 10) in nice.values(), nice
     guarded.assert_well(since)
 
 

@@ -131,3 +131,14 @@ def test_every_lintian_override_gives_its_reason():
             above -= 1  # overrides grouped under one reason
         assert above >= 0 and lines[above].startswith("# "), \
             f"no comment giving the reason above: {lines[i]}"
+
+
+def test_the_password_hashing_may_make_its_threads_nicer(service):
+    # pistreaming.lowpriority: the hashing threads call setpriority, which
+    # @resources holds; the unit denies that group, then allows it back
+    # (a later allow-list entry adds to the filter the first one started).
+    filters = service["SystemCallFilter"]
+    denied = max(i for i, f in enumerate(filters) if "~@resources" in f.split()
+                 or (f.startswith("~") and "@resources" in f.split()))
+    assert any(f.split() == ["setpriority"] for f in filters[denied + 1:]), filters
+    assert service["SystemCallErrorNumber"] == ["EPERM"]

@@ -15,26 +15,13 @@ from twisted.internet import _producer_helpers, task
 
 from pistreaming import recorder as recorder_module
 from pistreaming.auth import hash_password
-from tests.fakes.inmemory import SyncPool
+from tests.fakes.inmemory import SyncThreadPool
 from tests.test_service import PasswordTests, ServiceCase
 from tests.test_snapshot import answer as whole_answer, get
 
 #: 2026-12-05T10:20:30Z and 10:30:30Z.
 FIRST, SECOND = "20261205T102030Z.mp4", "20261205T103030Z.mp4"
 FIRST_START = 1796466030
-
-
-class SyncThreadPool(SyncPool):
-    """The recorder's thread pool, running each call at once."""
-
-    def __init__(self, **kwargs):
-        self.threadFactory = None
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
 
 
 class RecordingsCase(ServiceCase):

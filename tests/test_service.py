@@ -16,10 +16,12 @@ from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from pistreaming.auth import hash_password
+from pistreaming import lowpriority
 from pistreaming.camera import service as camera_service
 from pistreaming.options import Options
 from pistreaming.service import makeService
-from tests.fakes.inmemory import Network, RecordingPool, Source, SpawningReactor
+from tests.fakes.inmemory import (Network, RecordingPool, Source, SpawningReactor,
+                                  SyncThreadPool)
 
 #: A moment, exact in binary.
 TICK = 1 / 1024
@@ -49,6 +51,11 @@ class ServiceCase(unittest.TestCase):
     def setUp(self):
         RecordingPool.pools = []
         self.patch(camera_service, "ThreadPool", RecordingPool)
+        # The password hashing's threads: each hash at once, in the test's
+        # thread, which must not be made nicer for it.
+        self.lowered = []
+        self.patch(lowpriority, "ThreadPool", SyncThreadPool)
+        self.patch(lowpriority, "lower_thread_priority", self.lowered.append)
         self.reactor = SpawningReactor(ends_on=(signal.SIGTERM, signal.SIGKILL))
 
     def build(self, *args):
@@ -170,6 +177,8 @@ class PasswordTests(ServiceCase):
         answer = http(service.site, b"GET /index.html HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                       b"Authorization: " + good + b"\r\n\r\n")
         assert status(answer) == 200
+        # (Hashed on a thread it made nicer than the daemon's.)
+        assert self.lowered == [lowpriority.NICENESS]
         for network, path in ((Network(service.factory, self.reactor), "/"),
                               (Network(service.site, self.reactor, port=8082), "/stream")):
             refused = network.connect(path=path)

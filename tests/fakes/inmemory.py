@@ -233,6 +233,21 @@ class SyncPool:
             on_result(True, result)
 
 
+class SyncThreadPool(SyncPool):
+    """Stands in for twisted.python.threadpool.ThreadPool (the recorder's,
+    the password hashing's): each call runs at once, in the caller's thread."""
+
+    def __init__(self, minthreads=0, maxthreads=0, name=None):
+        self.threadFactory = None
+        self.name = name
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+
 class ProcessTransport:
     """What a process protocol sees of a child that is not there: its
     writes, signals and closes are kept; L{end} ends it."""
