@@ -81,7 +81,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web import resource, util
+from twisted.web import resource, server, util
 from twisted.web.guard import BasicCredentialFactory
 from zope.interface import implementer
 
@@ -645,6 +645,10 @@ class Gate(resource.Resource):
         self.root = root
 
     def _guarded(self, request):
+        # A client may hang up while its password is hashed: then there is
+        # no one to answer (Twisted refuses to finish such a request).
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
         address = address_of(request.getClientAddress())
         what = request.uri.decode("ascii", "replace")[:200]
         d = self.authenticator.authenticate(
@@ -663,7 +667,10 @@ class Gate(resource.Resource):
                                self.authenticator.challenge() if error.status == 429 else None)
             return Unauthorized(self.authenticator.challenge())
 
-        return util.DeferredResource(d.addCallbacks(allowed, refused))
+        def answer(child):
+            return _Gone() if gone else child
+
+        return util.DeferredResource(d.addCallbacks(allowed, refused).addCallback(answer))
 
     def getChildWithDefault(self, path, request):
         # The whole path is left for the site behind the gate.
@@ -672,6 +679,15 @@ class Gate(resource.Resource):
 
     def render(self, request):
         return self._guarded(request).render(request)
+
+
+class _Gone(resource.Resource):
+    """What a request whose client hung up meanwhile is given: nothing."""
+
+    isLeaf = True
+
+    def render(self, request):
+        return server.NOT_DONE_YET
 
 
 def _plain(request, status, body):

@@ -4,13 +4,17 @@ logged in before keeps working; unknown names cost what known ones do; a
 password file gone bad is complained about once a minute."""
 
 import base64
+import gc
 
 import pytest
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
 from twisted.internet.address import IPv4Address
-from twisted.logger import Logger, formatEvent
-from twisted.web import resource
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import StringTransport
+from twisted.logger import LogLevel, Logger, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.web import resource, server
 from twisted.web.test.requesthelper import DummyRequest
 
 from pistreaming import auth
@@ -318,3 +322,38 @@ def test_the_gate_answers_refusals_with_retry_after(setup, status):
     challenge = request.responseHeaders.getRawHeaders(b"www-authenticate")
     assert challenge == ([b'Basic realm="pistream"'] if status == 429 else None)
     assert b"".join(request.written).startswith(b"%d " % status)
+
+
+class Page(resource.Resource):
+    isLeaf = True
+
+    def render_GET(self, request):
+        return b"the page"
+
+
+@pytest.mark.parametrize("user, password", [("carol", "singer"), ("carol", "wrong")])
+def test_a_request_gone_while_its_password_is_hashed_is_let_go_quietly(setup, user, password):
+    # The client hangs up while its password is hashed (slow on a Pi, and
+    # the hashing is niced): once the hash is done there is no one to
+    # answer, and nothing is written, logged as an error, or left failing.
+    authenticator, clock, threads = setup
+    root = resource.Resource()
+    root.putChild(b"index.html", Page())
+    site = server.Site(Gate(root, authenticator))
+    channel = site.buildProtocol(IPv4Address("TCP", "203.0.113.7", 40000))
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "203.0.113.7", 40000))
+    channel.makeConnection(transport)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        channel.dataReceived(b"GET /index.html HTTP/1.1\r\nHost: camera\r\nAuthorization: "
+                             + basic(user, password) + b"\r\n\r\n")
+        assert len(threads.waiting) == 1 and transport.value() == b""
+        channel.connectionLost(Failure(ConnectionDone()))
+        threads.finish()
+        gc.collect()  # (an unhandled failure left in a Deferred is logged when it goes)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert transport.value() == b""
+    assert [e for e in events if e.get("log_failure") is not None
+            or e["log_level"] in (LogLevel.error, LogLevel.critical)] == []
