@@ -293,8 +293,11 @@ def test_nginx_stopped_the_push_is_restarted_within_its_timeout(scene):
         # Within its timeout once nothing more goes out (plus a report
         # of ffmpeg's progress and a round of the watchdog).
         assert restarted - last_growth <= TIMEOUT + 1.5, restarted - last_growth
+        # (No push is live while nginx is stopped: its own line says when.)
+        resumed = len(h264.lines)
         nginx.signal(signal.SIGCONT)
-        wait_until(lambda: rtmp_push(h264)["state"] == "live", 10, "live again after SIGCONT")
+        h264.wait_for(r"push rtmp://\S+: live, ", 10, start=resumed)
+        assert rtmp_push(h264)["state"] == "live"
         rate, gap = viewer.check_full_rate(since, time.monotonic())
     finally:
         viewer.stop()
